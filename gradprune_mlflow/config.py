@@ -1,0 +1,78 @@
+"""The sanitizer's configuration: one flat, commented dataclass. Keyword overrides replace fields; None means unset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from gradprune_mlflow.errors import BadInput
+
+MODES = ("fast", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+ON_CLEAN = ("skip", "sanitize")
+
+
+@dataclass(frozen=True)
+class SanitizeConfig:
+    # "fast": layer-normalised scores, several filters per step; "paper": the authors' one-filter-per-step loop.
+    mode: str = "fast"
+    # "auto" takes CUDA when present.
+    device: str = "auto"
+    seed: int = 0
+    # Fraction of each class held out as the trusted validation split (at least one image per class).
+    val_fraction: float = 0.1
+    # Trigger-free mode when nothing is flagged: "skip" writes no model, "sanitize" unlearns the best candidate anyway.
+    on_clean: str = "skip"
+    batch_size: int = 128
+
+    # --- pruning ---
+    # Largest validation clean-accuracy drop a pruned state may have to be kept (raised to one validation image's
+    # worth when the split is small: a 50-image split moves in 2-point steps).
+    acc_drop_budget: float = 0.05
+    # Stop after this many pruning steps without a lower validation unlearning loss.
+    prune_patience: int | None = None  # None: 10 in paper mode, 3 in fast mode
+    # Never prune more than this fraction of all conv filters.
+    max_prune_fraction: float = 0.3
+    # Fast mode: filters pruned in the first step, as a fraction of all filters; the step adapts from there.
+    step_fraction: float = 0.01
+
+    # --- fine-tuning (clean CE + triggered CE with true labels, masks held) ---
+    finetune_epochs: int = 30
+    finetune_lr: float = 1e-3
+    finetune_patience: int = 4
+
+    # --- trigger synthesis (trigger-free mode) ---
+    synth_steps: int = 200
+    synth_restarts: int = 2
+    # A class is flagged when its anomaly index (median absolute deviation) exceeds this.
+    anomaly_threshold: float = 2.0
+
+    def resolved_patience(self) -> int:
+        if self.prune_patience is not None:
+            return self.prune_patience
+        return 10 if self.mode == "paper" else 3
+
+    def with_overrides(self, **overrides: Any) -> SanitizeConfig:
+        """A copy with the given fields replaced; None values are ignored. Unknown names raise BadInput."""
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise BadInput(f"unknown setting(s) {sorted(unknown)}; valid: {', '.join(sorted(names))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validated()
+
+    def validated(self) -> SanitizeConfig:
+        """Return self, or raise BadInput with one line naming the bad setting."""
+        if self.mode not in MODES:
+            raise BadInput(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.device not in DEVICES:
+            raise BadInput(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.on_clean not in ON_CLEAN:
+            raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.max_prune_fraction < 1.0:
+            raise BadInput(f"max_prune_fraction must be in (0, 1), got {self.max_prune_fraction}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
