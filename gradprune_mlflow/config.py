@@ -40,6 +40,10 @@ class SanitizeConfig:
     finetune_epochs: int = 30
     finetune_lr: float = 1e-3
     finetune_patience: int = 4
+    # Random shifts and flips of the clean images while fine-tuning (before triggers are applied).
+    finetune_augment: bool = True
+    # Fast mode: weight of the distillation term that keeps clean predictions close to the original model's.
+    distill_weight: float = 1.0
 
     # --- trigger synthesis (trigger-free mode) ---
     synth_steps: int = 200

@@ -113,11 +113,13 @@ class PatchTrigger(_ShapedTrigger):
 
 
 class BlendTrigger(_ShapedTrigger):
-    """x' = (1 - alpha) x + alpha p over the whole image, p a seeded noise image or a PNG (Blended, Chen et al. 2017)."""
+    """x' = (1 - alpha) x + alpha p over the whole image; p is seeded noise or a PNG (Blended, Chen et al. 2017)."""
 
     kind = "blend"
 
-    def __init__(self, target: int, alpha: float = 0.2, pattern: str = "noise", seed: int = 0, base: Path | None = None):
+    def __init__(
+        self, target: int, alpha: float = 0.2, pattern: str = "noise", seed: int = 0, base: Path | None = None
+    ):
         super().__init__(target)
         if not 0.0 < float(alpha) <= 1.0:
             raise TriggerError(f"blend alpha must be in (0, 1], got {alpha}")

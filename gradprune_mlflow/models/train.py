@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradprune_mlflow.defense.triggers import Trigger, poison
 from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.triggers import Trigger, poison
 
 
 def train_classifier(

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 class SmallCNN(nn.Module):
     """Two conv blocks (conv, optional BatchNorm, ReLU, max-pool) and a linear head."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, batch_norm: bool = True):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32, batch_norm: bool = True):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:

@@ -1,0 +1,68 @@
+"""What we measure: clean accuracy, attack success rate (ASR) and robust accuracy (RA), and the validation losses.
+
+- clean accuracy: correct predictions on clean images.
+- ASR: triggered images of every class but the target that the model assigns to the target.
+- RA: those same triggered images that the model still assigns to their true class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.triggers import Trigger
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (safe for forward passes of conv nets); nothing on CPU, where results must be exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def logits(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of `net` (in eval mode) for [0, 1] images, computed in batches on the net's device; returned on CPU."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    out = []
+    with autocast(device):
+        for chunk in images.split(batch_size):
+            out.append(net(chunk.to(device)).float().cpu())
+    net.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(net: nn.Module, data: Split, batch_size: int = 512) -> float:
+    """Fraction of `data` classified correctly."""
+    if len(data) == 0:
+        return float("nan")
+    return (logits(net, data.images, batch_size).argmax(1) == data.labels).float().mean().item()
+
+
+def mean_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Mean cross-entropy of `net` on (images, labels)."""
+    return F.cross_entropy(logits(net, images, batch_size), labels).item()
+
+
+def attack_metrics(net: nn.Module, data: Split, trigger: Trigger, batch_size: int = 512) -> tuple[float, float]:
+    """(ASR, RA) of `trigger` on the images of `data` not of the trigger's target class."""
+    keep = data.labels != trigger.target
+    if not keep.any():
+        return float("nan"), float("nan")
+    preds = logits(net, trigger.apply(data.images[keep]), batch_size).argmax(1)
+    return (preds == trigger.target).float().mean().item(), (preds == data.labels[keep]).float().mean().item()
+
+
+def evaluate(net: nn.Module, data: Split, trigger: Trigger | None, batch_size: int = 512) -> dict[str, float | None]:
+    """The report's metric block: clean_accuracy, attack_success_rate, robust_accuracy (None without a trigger)."""
+    out: dict[str, float | None] = {"clean_accuracy": round(accuracy(net, data, batch_size), 6)}
+    asr, ra = attack_metrics(net, data, trigger, batch_size) if trigger is not None else (None, None)
+    out["attack_success_rate"] = None if asr is None else round(asr, 6)
+    out["robust_accuracy"] = None if ra is None else round(ra, 6)
+    return out

@@ -1,0 +1,191 @@
+"""One sanitize run: check inputs, find the trigger (given or synthesized), prune, fine-tune, measure, report.
+
+Measuring comes last and uses no randomness, so an evaluation-only trigger cannot change the defense.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.data.cleanset import CleanSet, Split
+from gradprune_mlflow.defense.finetune import finetune
+from gradprune_mlflow.defense.masks import FilterMasks
+from gradprune_mlflow.defense.metrics import evaluate
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.prune import prune
+from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, detect, synthesize
+from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger, check_trigger_fits
+from gradprune_mlflow.defense.unlearning import RandomFill, TriggerMix, triggered_copy
+from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
+
+SCHEMA = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU. Asking for CUDA where there is none is a bad input."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda was asked for but no CUDA device is available; use --device auto or cpu")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def check_model(model: nn.Module, clean_set: CleanSet) -> None:
+    """Raise UnsupportedModel/BadInput unless the model is a finite conv net that maps input_shape to num_classes."""
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"the model is a {type(model).__name__}, not a torch nn.Module; save the whole module")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise UnsupportedModel(
+            "the model has no Conv2d layer; Grad-Prune prunes conv filters, so it cannot be sanitized"
+        )
+    if any(not torch.isfinite(p).all() for p in model.parameters()):
+        raise UnsupportedModel("the model has NaN or infinite weights; it cannot be evaluated or sanitized")
+    meta = clean_set.meta
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(model).cpu().float().eval()(torch.zeros(2, *meta.input_shape))
+    except Exception as exc:  # any failure here means the model and the data set disagree
+        raise BadInput(
+            f"the model does not accept inputs of shape {list(meta.input_shape)} from dataset.json ({exc})"
+        ) from None
+    if out.ndim != 2 or out.shape[1] != meta.num_classes:
+        raise BadInput(
+            f"the model outputs shape {list(out.shape[1:])} but the clean set has {meta.num_classes} classes"
+        )
+
+
+def _dilate(region: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(region[None].float(), 3, stride=1, padding=1)[0]
+
+
+def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Generator) -> Trigger:
+    """What trigger-free mode unlearns with: the synthesized triggers plus randomised versions of them.
+
+    Patch: the region of each synthesized mask (dilated by a pixel) refilled with fresh noise per image, which carries
+    over to the real trigger where the exact synthesized pixels do not. Blend: the pattern at half and 1.5x strength.
+    """
+    parts: list[Trigger] = []
+    for trig in result.triggers(target):
+        parts.append(trig)
+        if result.family == "patch":
+            region = _dilate(trig.mask >= 0.5 * trig.mask.max())
+            parts += [RandomFill(target, region, generator)] * 2
+        else:
+            parts += [MaskTrigger(target, trig.mask * s, trig.pattern, source=trig.source) for s in (0.5, 1.5)]
+    return TriggerMix(parts, generator)
+
+
+def _synthesized(
+    net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator, progress: Progress
+) -> tuple[Detection, FamilyResult]:
+    results = [
+        synthesize(net, train.images, train.labels, k, fam, steps=cfg.synth_steps, restarts=cfg.synth_restarts,
+                   generator=gen, progress=progress)
+        for fam in FAMILIES
+    ]
+    detection = detect(results, cfg.anomaly_threshold)
+    return detection, next(r for r in results if r.family == detection.family)
+
+
+def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
+    """The literal synthesized trigger of class k with the smallest size: what ASR is measured with, trigger-free."""
+    return result.triggers(k)[int(result.sizes[:, k].argmin())]
+
+
+def run_sanitize(
+    model: nn.Module,
+    clean_set: CleanSet,
+    trigger: Trigger | None,
+    cfg: SanitizeConfig,
+    *,
+    eval_trigger: Trigger | None,
+    test_set: Split | CleanSet | None,
+    progress: Progress,
+):
+    """See gradprune_mlflow.sanitize. Returns a SanitizeResult."""
+    from gradprune_mlflow.api import SanitizeResult
+
+    start = time.perf_counter()
+    meta = clean_set.meta
+    check_model(model, clean_set)
+    for trig in (trigger, eval_trigger):
+        if trig is not None:
+            check_trigger_fits(trig, meta.num_classes, meta.input_shape)
+    test = _test_split(test_set, clean_set)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train, val = clean_set.split(cfg.val_fraction, cfg.seed)
+    if len(val) == 0 or len(train) == 0:
+        raise DataError("the clean set is too small to split into train and validation; give at least 2 images a class")
+
+    work = copy.deepcopy(model).float().to(device).eval()
+    net = Normalized(work, meta.mean, meta.std).to(device)
+    teacher = copy.deepcopy(net).eval()
+    masks = FilterMasks(work, torch.zeros(1, *meta.input_shape, device=device))
+
+    detection, synthesized, measure_with = None, [], trigger
+    if trigger is None:
+        detection, family = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
+        synthesized = family.triggers(detection.target)
+        measure_with = _best_restart(family, detection.target)
+        unlearn = unlearning_trigger(family, detection.target, gen)
+    else:
+        unlearn = trigger
+
+    skipped = detection is not None and not detection.flagged and cfg.on_clean == "skip"
+    prune_out = finetune_out = None
+    if not skipped:
+        train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
+        prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress)
+        finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
+        masks.apply()
+    progress.close()
+
+    sanitized = None if skipped else work.cpu().eval()
+    data, evaluated_on = (test, "test") if test is not None else (val, "validation")
+    shown = eval_trigger or measure_with
+    before = evaluate(Normalized(copy.deepcopy(model).float().cpu().eval(), meta.mean, meta.std), data, shown)
+    after = None if skipped else evaluate(Normalized(sanitized, meta.mean, meta.std), data, shown)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "mode": cfg.mode,
+        "device": device.type,
+        "seconds": round(time.perf_counter() - start, 3),
+        "trigger_source": "known" if trigger is not None else "synthesized",
+        "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
+        "detection": detection.to_report() if detection else None,
+        "before": before,
+        "after": after,
+        "sanitized": not skipped,
+        "pruned_filters": masks.count,
+        "total_filters": masks.total,
+        "pruned_by_layer": {k: v for k, v in masks.by_layer().items() if v},
+        "gradient_passes": prune_out.passes if prune_out else 0,
+        "finetune_epochs": finetune_out.epochs if finetune_out else 0,
+        "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
+        "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) if trigger is None else 0,
+        "evaluated_on": evaluated_on,
+        "evaluated_images": len(data),
+        "clean_set": {"name": meta.name, "images": len(clean_set), "train": len(train), "validation": len(val),
+                      "manifest_sha256": clean_set.manifest_sha256},
+        "config": cfg.to_dict(),
+    }
+    return SanitizeResult(sanitized, report, list(masks.history), prune_out.curve if prune_out else [], synthesized)
+
+
+def _test_split(test_set: Split | CleanSet | None, clean_set: CleanSet) -> Split | None:
+    if test_set is None:
+        return None
+    if isinstance(test_set, CleanSet):
+        a, b = test_set.meta, clean_set.meta
+        if a.input_shape != b.input_shape or a.num_classes != b.num_classes:
+            raise DataError("the test data's input_shape or num_classes differs from the clean set's")
+        return test_set.as_split()
+    return test_set

@@ -1,0 +1,85 @@
+"""The unlearning loss and the triggers the defense unlearns with.
+
+Unlearning loss: cross-entropy of the model on triggered clean images against their TRUE labels. Its gradient says
+which filters carry the backdoor (pruning), and minimising it teaches the model to ignore the trigger (fine-tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.triggers import Trigger
+
+
+def unlearning_gradients(net: nn.Module, triggered: Split, batch_size: int = 256) -> float:
+    """Backward the mean unlearning loss over all of `triggered` (images already triggered), in eval mode.
+
+    Gradients are left in the parameters' .grad (zeroed first). Eval mode: BatchNorm statistics are the model's own,
+    never re-estimated from triggered images. Returns the loss.
+    """
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    net.zero_grad(set_to_none=True)
+    total, n = 0.0, len(triggered)
+    for x, y in zip(triggered.images.split(batch_size), triggered.labels.split(batch_size), strict=True):
+        loss = F.cross_entropy(net(x.to(device)), y.to(device), reduction="sum") / n
+        loss.backward()
+        total += loss.item()
+    net.train(was_training)
+    return total
+
+
+class RandomFill(Trigger):
+    """A synthesized trigger's region refilled for every image: half get per-pixel uniform noise, half one random
+    solid value (real patches are often solid, and noise alone averages to grey).
+
+    A reverse-engineered patch is often a few scattered pixels that do not carry over to the real trigger; unlearning
+    "anything in this region" does.
+    """
+
+    kind = "random-fill"
+
+    def __init__(self, target: int, region: torch.Tensor, generator: torch.Generator):
+        super().__init__(target)
+        self.region = region.float()
+        self.generator = generator
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(x.shape, generator=self.generator)
+        solid = torch.rand(len(x), 1, 1, 1, generator=self.generator).expand_as(noise)
+        pick = (torch.rand(len(x), 1, 1, 1, generator=self.generator) < 0.5).expand_as(noise)
+        noise = torch.where(pick, solid, noise).to(x.device, x.dtype)
+        r = self.region.to(x.device, x.dtype)
+        return (1 - r) * x + r * noise
+
+
+class TriggerMix(Trigger):
+    """Each image gets one trigger of a list, drawn at random: unlearning with all candidates at once."""
+
+    kind = "mix"
+
+    def __init__(self, triggers: list[Trigger], generator: torch.Generator):
+        super().__init__(triggers[0].target)
+        self.triggers = triggers
+        self.generator = generator
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        choice = torch.randint(len(self.triggers), (len(x),), generator=self.generator).to(x.device)
+        out = x.clone()
+        for i, trig in enumerate(self.triggers):
+            sel = choice == i
+            if sel.any():
+                out[sel] = trig.apply(x[sel])
+        return out
+
+    def spec(self):
+        return {"kind": self.kind, "target": self.target, "parts": [t.spec() for t in self.triggers]}
+
+
+def triggered_copy(data: Split, trigger: Trigger) -> Split:
+    """Triggered copies of every image in `data`, with their TRUE labels (the unlearning set)."""
+    return Split(trigger.apply(data.images), data.labels.clone())

@@ -1,0 +1,110 @@
+"""Shared test set-up: an isolated environment, and real models and data reused across the session.
+
+The environment is set at import time, before any test module imports Prefect or MLflow, so that no test writes into
+the user's home or talks to a server the user happens to have configured.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="gradprune-tests-"))
+atexit.register(shutil.rmtree, _SANDBOX, True)
+
+os.environ.update({
+    "PREFECT_HOME": str(_SANDBOX / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # A user's real tracking server must never receive test runs; tests that need MLflow set their own URI.
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SANDBOX / 'mlflow.db'}",
+    "DO_NOT_TRACK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MPLBACKEND": "Agg",
+    "GRADPRUNE_CACHE_DIR": str(_SANDBOX / "clean-sets"),
+    "XDG_CACHE_HOME": str(_SANDBOX / "xdg-cache"),
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+for _name in ("PREFECT_API_URL", "PREFECT_API_KEY", "GRADPRUNE_DEBUG"):
+    os.environ.pop(_name, None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gradprune_mlflow import lab  # noqa: E402
+from gradprune_mlflow.data.cleanset import load_clean_set  # noqa: E402
+
+torch.set_num_threads(2)  # the test machine has two cores, shared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; none is available here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Path:
+    """The session's scratch folder (PREFECT_HOME, the MLflow database and caches live under it)."""
+    return _SANDBOX
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Trained test models, kept between runs in the repo's gitignored .cache/test-models."""
+    path = REPO / ".cache" / "test-models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _trained(cache: Path, attack: str, poison_rate: float = 0.1) -> torch.nn.Module:
+    # Engineers share the tree and the cache: one process trains, the others wait and then load its file.
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return lab.backdoored_model("small_cnn", attack, poison_rate=poison_rate, n_train=20_000, epochs=2,
+                                    cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def badnets_cnn(model_cache) -> torch.nn.Module:
+    """SmallCNN on Fashion-MNIST with a 3x3 white bottom-right patch backdoor to class 0 (10% poisoned)."""
+    return _trained(model_cache, "badnets")
+
+
+@pytest.fixture(scope="session")
+def blend_cnn(model_cache) -> torch.nn.Module:
+    """SmallCNN with a blended-noise backdoor (alpha 0.2) to class 0."""
+    return _trained(model_cache, "blend")
+
+
+@pytest.fixture(scope="session")
+def clean_cnn(model_cache) -> torch.nn.Module:
+    """SmallCNN trained on unpoisoned data."""
+    return _trained(model_cache, "badnets", poison_rate=0.0)
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    """The first 2,000 Fashion-MNIST test images ([0, 1], (N, 1, 28, 28)) and labels."""
+    return lab.test_data(2000)
+
+
+@pytest.fixture(scope="session")
+def clean_set_dir(tmp_path_factory) -> Path:
+    """A trusted clean-set folder: 100 Fashion-MNIST images per class, from the non-attacker split."""
+    return lab.trusted_clean_set(tmp_path_factory.mktemp("clean-set"), per_class=100)
+
+
+@pytest.fixture(scope="session")
+def clean_set(clean_set_dir):
+    """The clean set of clean_set_dir, loaded and verified."""
+    return load_clean_set(clean_set_dir)
