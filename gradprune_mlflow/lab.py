@@ -76,8 +76,10 @@ def backdoored_model(
     cache_dir: str | Path | None = None,
 ) -> nn.Module:
     """Train (or load from `cache_dir`) a zoo model on poisoned attacker data; poison_rate=0 gives a clean model."""
-    key = json.dumps([arch, attack, poison_rate, n_train, epochs, seed], sort_keys=True)
     model = create_model(arch, num_classes=10, in_channels=1)
+    # The parameter shapes are part of the key: a changed architecture must not load stale weights.
+    shapes = [list(p.shape) for p in model.state_dict().values()]
+    key = json.dumps([arch, attack, poison_rate, n_train, epochs, seed, shapes], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"{arch}-{attack}-{digest}.pt" if cache_dir else None
     if path is not None and path.is_file():

@@ -35,13 +35,16 @@ def parse_settings(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def quiet_output() -> None:
-    """Keep the terminal for the flow's log and our table.
+    """Keep the terminal for the flow's log and our table, and give Prefect's embedded server time to start.
 
     MLflow prints a 'View run' link for every run it ends (our table has the links), and importing mlflow.pytorch
     calls logging.basicConfig, whose root handler then echoes every record that propagates, INFO included. A root
     handler of our own, at WARNING, comes first and keeps warnings visible.
     """
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Prefect's embedded server gets 20 s to start by default; a busy two-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
@@ -96,9 +99,9 @@ def outcomes_table(outcomes: list[dict[str, Any]], title: str = "gradprune scan"
     """A rich Table: model, version, status, ASR and clean accuracy before -> after, the sanitized version."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for col in ("model", "version", "status", "ASR before -> after", "clean acc before -> after", "new version"):
-        table.add_column(col, overflow="fold")
+    table = Table(title=f"{title} (before -> after)", title_justify="left")
+    for col in ("model", "version", "status", "ASR", "clean accuracy", "new version"):
+        table.add_column(col, no_wrap=col in ("model", "status"), overflow="fold")
     colours = {"sanitized": "green", "clean": "green", "skipped": "dim"}
     for o in outcomes:
         status = o["status"]

@@ -111,6 +111,9 @@ class FilterMasks:
             if bn is not None and bn.affine:
                 bn.weight[idx] = 0
                 bn.bias[idx] = 0
+            elif bn is not None and bn.running_mean is not None:
+                # no gamma/beta to zero: a zero mean maps the zero input to exactly zero
+                bn.running_mean[idx] = 0
 
     def state(self) -> dict[str, Any]:
         """A copy of the masks and history, to restore with `load_state`."""

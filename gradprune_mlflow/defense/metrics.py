@@ -28,13 +28,14 @@ def autocast(device: torch.device):
 def logits(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits of `net` (in eval mode) for [0, 1] images, computed in batches on the net's device; returned on CPU."""
     device = next(net.parameters()).device
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}  # restore each module's own mode, not the wrapper's
     net.eval()
     out = []
     with autocast(device):
         for chunk in images.split(batch_size):
             out.append(net(chunk.to(device)).float().cpu())
-    net.train(was_training)
+    for m, mode in modes.items():
+        m.training = mode
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -50,18 +51,22 @@ def mean_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_
     return F.cross_entropy(logits(net, images, batch_size), labels).item()
 
 
-def attack_metrics(net: nn.Module, data: Split, trigger: Trigger, batch_size: int = 512) -> tuple[float, float]:
-    """(ASR, RA) of `trigger` on the images of `data` not of the trigger's target class."""
+def attack_metrics(
+    net: nn.Module, data: Split, trigger: Trigger, batch_size: int = 512
+) -> tuple[float | None, float | None]:
+    """(ASR, RA) of `trigger` on the images of `data` not of the trigger's target class; None when there are none
+    (NaN would make report.json invalid JSON)."""
     keep = data.labels != trigger.target
     if not keep.any():
-        return float("nan"), float("nan")
+        return None, None
     preds = logits(net, trigger.apply(data.images[keep]), batch_size).argmax(1)
     return (preds == trigger.target).float().mean().item(), (preds == data.labels[keep]).float().mean().item()
 
 
 def evaluate(net: nn.Module, data: Split, trigger: Trigger | None, batch_size: int = 512) -> dict[str, float | None]:
     """The report's metric block: clean_accuracy, attack_success_rate, robust_accuracy (None without a trigger)."""
-    out: dict[str, float | None] = {"clean_accuracy": round(accuracy(net, data, batch_size), 6)}
+    acc = accuracy(net, data, batch_size)
+    out: dict[str, float | None] = {"clean_accuracy": None if acc != acc else round(acc, 6)}
     asr, ra = attack_metrics(net, data, trigger, batch_size) if trigger is not None else (None, None)
     out["attack_success_rate"] = None if asr is None else round(asr, 6)
     out["robust_accuracy"] = None if ra is None else round(ra, 6)

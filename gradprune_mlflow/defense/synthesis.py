@@ -126,8 +126,8 @@ def synthesize(
                 wins += ok.float()
                 improved = ok & (size < best_size)
                 best_size = torch.where(improved, size, best_size)
-                m, p = fam.parts(params)
-                best[0][improved], best[1][improved] = m[improved], p[improved]
+                # keep the trigger that was measured (before this step's update), not the updated one
+                best[0][improved], best[1][improved] = mask.detach()[improved], pattern.detach()[improved]
                 if step % 10 == 0:  # re-weight the penalty: smaller while it works, weaker while it fails
                     lam = torch.where(wins >= 8, lam * 1.5, lam / 1.5).clamp(1e-4, 10.0)
                     wins.zero_()

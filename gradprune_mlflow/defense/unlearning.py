@@ -21,7 +21,7 @@ def unlearning_gradients(net: nn.Module, triggered: Split, batch_size: int = 256
     never re-estimated from triggered images. Returns the loss.
     """
     device = next(net.parameters()).device
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}
     net.eval()
     net.zero_grad(set_to_none=True)
     total, n = 0.0, len(triggered)
@@ -29,7 +29,8 @@ def unlearning_gradients(net: nn.Module, triggered: Split, batch_size: int = 256
         loss = F.cross_entropy(net(x.to(device)), y.to(device), reduction="sum") / n
         loss.backward()
         total += loss.item()
-    net.train(was_training)
+    for m, mode in modes.items():
+        m.training = mode
     return total
 
 

@@ -1,0 +1,163 @@
+"""The `sanitize-model-version` flow: one registered version in, a sanitized version (or a final status) out.
+
+Tasks are thin wrappers over gradprune_mlflow.registry.job; this module is the only place that knows about Prefect.
+The sanitize task carries the tag `gradprune-gpu`: `prefect concurrency-limit create gradprune-gpu 1` keeps one
+sanitization per GPU across all workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.data.expectations import Checks
+from gradprune_mlflow.data.s3 import S3Unavailable
+from gradprune_mlflow.registry import job as steps
+
+GPU_TAG = "gradprune-gpu"
+# Models, data sets and results stay in memory between tasks: never hash or persist them.
+_IN_MEMORY = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+class _LogProgress:
+    """The defense's progress sink: one log line per phase, in the flow run's log."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        self.logger.info("sanitize: %s%s", name, f" ({total} steps)" if total else "")
+
+    def advance(self, steps: int = 1, **info: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry S3 and network trouble; a clean set that is missing or wrong will not get better by retrying."""
+    try:
+        state.result()
+    except (S3Unavailable, ConnectionError, TimeoutError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(**_IN_MEMORY)
+def claim_model_version(name: str, version: str, lease_seconds: float | None = None):
+    """Claim the version; returns (job, claim) or None when it is not pending or another worker won it."""
+    claimed = steps.claim(name, version, lease_seconds=lease_seconds)
+    get_run_logger().info("%s v%s: %s", name, version, "claimed" if claimed else "not pending or taken; skipping")
+    return claimed
+
+
+@task(**_IN_MEMORY)
+def start_sanitize_run(job, held, config: SanitizeConfig) -> str:
+    """Create the MLflow run for the version; returns its id."""
+    run_id = steps.start(job, held, config)
+    get_run_logger().info("%s v%s: MLflow run %s", job.name, job.version, run_id)
+    return run_id
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_transient, **_IN_MEMORY)
+def fetch_clean_data(uri: str) -> str:
+    """Fetch the clean set into the content-keyed cache (reused while it is unchanged); returns the local folder."""
+    folder = steps.fetch(uri)
+    get_run_logger().info("clean set %s -> %s", uri, folder)
+    return folder
+
+
+@task(**_IN_MEMORY)
+def validate_clean_data(folder: str, uri: str, run_id: str, min_per_class: int) -> dict[str, Any]:
+    """Run the Great Expectations suite and log its result; raises CleanSetRejected naming what failed."""
+    summary = steps.validate(folder, uri, run_id, Checks(min_per_class=min_per_class))
+    stats = summary["statistics"]
+    get_run_logger().info("clean set valid: %s of %s expectations met", stats["successful_expectations"],
+                          stats["evaluated_expectations"])
+    return summary
+
+
+@task(**_IN_MEMORY)
+def load_model_version(name: str, version: str):
+    """Download the version, scan every pickle in it, load it; raises UnsafeModel / UnsupportedModel."""
+    return steps.load_model(name, version)
+
+
+@task(**_IN_MEMORY)
+def load_inputs(job, folder: str, run_id: str):
+    """Load the clean set, triggers and test set the model's tags name; records the data as run inputs."""
+    return steps.load_inputs(job, folder, run_id)
+
+
+@task(tags=[GPU_TAG], **_IN_MEMORY)
+def sanitize_model(source, inputs, config: SanitizeConfig):
+    """Run Grad-Prune on the source model; returns the SanitizeResult."""
+    logger = get_run_logger()
+    result = steps.run_defense(source, inputs, config, progress=_LogProgress(logger))
+    before, after = result.report.get("before") or {}, result.report.get("after") or {}
+    logger.info("ASR %s -> %s, clean accuracy %s -> %s", before.get("attack_success_rate"),
+                after.get("attack_success_rate"), before.get("clean_accuracy"), after.get("clean_accuracy"))
+    return result
+
+
+@task(**_IN_MEMORY)
+def log_sanitize_result(run_id: str, result, inputs) -> dict[str, float]:
+    """Log metrics, the pruning curve and artifacts to the run; returns the metrics."""
+    return steps.log(run_id, result, inputs)
+
+
+@task(**_IN_MEMORY)
+def register_sanitized_model(held, run_id: str, result, source, inputs) -> str:
+    """Register the sanitized model as a new version with tags, description and the alias; returns the version."""
+    version = steps.register(held, run_id, result, source, inputs)
+    get_run_logger().info("%s: registered sanitized version %s (alias sanitized)", held.name, version)
+    return version
+
+
+@task(**_IN_MEMORY)
+def finish_version(job, held, run_id: str, result, sanitized_version: str | None) -> dict[str, Any]:
+    """Write the final status on the source version and end the run; returns the outcome."""
+    return steps.succeed(job, held, run_id, result, sanitized_version).to_dict()
+
+
+@task(**_IN_MEMORY)
+def record_failure(job, held, run_id: str | None, exc: BaseException) -> dict[str, Any]:
+    """Write the failure's status and reason on the version and fail the run; returns the outcome."""
+    outcome = steps.fail(job, held, run_id, exc)
+    get_run_logger().error("%s v%s: %s: %s", job.name, job.version, outcome.status, outcome.reason)
+    return outcome.to_dict()
+
+
+@flow(name="sanitize-model-version")
+def sanitize_model_version(
+    name: str, version: str, config: dict[str, Any] | None = None, min_per_class: int = 10
+) -> dict[str, Any]:
+    """Sanitize one registered version: claim, fetch and validate the clean set, load, sanitize, log, register.
+
+    Takes the registered model name and version, SanitizeConfig overrides, and the clean set's minimum images per
+    class. Returns the outcome (the scan table's row) as a dict; every claimed version ends with a final status.
+    """
+    cfg = SanitizeConfig().with_overrides(**(config or {}))
+    claimed = claim_model_version(name, str(version))
+    if claimed is None:
+        return steps.Outcome(name, str(version), "skipped", "not pending, or claimed by another worker").to_dict()
+    job, held = claimed
+    run_id = None
+    try:
+        run_id = start_sanitize_run(job, held, cfg)
+        folder = fetch_clean_data(job.clean_data)
+        validate_clean_data(folder, job.clean_data, run_id, min_per_class)
+        source = load_model_version(job.name, job.version)
+        inputs = load_inputs(job, folder, run_id)
+        result = sanitize_model(source, inputs, cfg)
+        log_sanitize_result(run_id, result, inputs)
+        new = register_sanitized_model(held, run_id, result, source, inputs) if result.model is not None else None
+        return finish_version(job, held, run_id, result, new)
+    except Exception as exc:
+        return record_failure(job, held, run_id, exc)

@@ -1,0 +1,204 @@
+"""The steps of sanitizing one registered version, as plain functions. flows/ composes them into Prefect tasks.
+
+    claim -> start run -> fetch clean set -> validate (GX) -> load model -> load inputs -> sanitize -> log -> register
+    -> finish
+
+Every version ends with a final status, also when a step fails (`fail`): the error's own status (rejected, unsafe,
+unsupported) or `failed`, and its one-line message as `gradprune.reason`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.data.cleanset import CleanSet
+from gradprune_mlflow.data.expectations import Checks, validate_clean_set
+from gradprune_mlflow.data.s3 import fetch_clean_set
+from gradprune_mlflow.defense.triggers import Trigger
+from gradprune_mlflow.errors import GradpruneError
+from gradprune_mlflow.registry import log as runlog
+from gradprune_mlflow.registry import tags as T
+from gradprune_mlflow.registry.claim import Claim, claim_version, finish, one_line
+from gradprune_mlflow.registry.inputs import check_inputs, load_data_uri, load_trigger_uri
+from gradprune_mlflow.registry.pending import PendingVersion, all_versions, pending_version, registered_models
+from gradprune_mlflow.registry.register import ClaimLost, log_sanitized_model, register_sanitized
+from gradprune_mlflow.registry.source import SourceModel, load_source
+
+
+@dataclass
+class Outcome:
+    """What happened to one version: the row of `gradprune scan`'s table, as plain data."""
+
+    model: str
+    version: str
+    status: str
+    reason: str | None = None
+    run_id: str | None = None
+    run_url: str | None = None
+    sanitized_version: str | None = None
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Inputs:
+    """What the defense needs besides the model."""
+
+    clean_set: CleanSet
+    trigger: Trigger | None = None
+    eval_trigger: Trigger | None = None
+    test_set: CleanSet | None = None
+
+
+def status_for(exc: BaseException) -> str:
+    """The final status an error maps to: its own for gradprune errors (rejected, unsafe...), else failed."""
+    return exc.status if isinstance(exc, GradpruneError) else T.FAILED
+
+
+def reason_for(exc: BaseException) -> str:
+    """One line saying what went wrong."""
+    if isinstance(exc, GradpruneError):
+        return one_line(exc.message)
+    return one_line(f"{type(exc).__name__}: {exc}")
+
+
+def claim(name: str, version: str, *, lease_seconds: float | None = None,
+          client: MlflowClient | None = None) -> tuple[PendingVersion, Claim] | None:
+    """Claim a pending version: returns (job, claim), or None when it is not pending or another worker has it."""
+    client = client or MlflowClient()
+    job = pending_version(client, name, version)
+    if job is None:
+        return None
+    held = claim_version(client, job.name, job.version, lease_seconds=lease_seconds)
+    return (job, held) if held else None
+
+
+def start(job: PendingVersion, held: Claim, config: SanitizeConfig, client: MlflowClient | None = None) -> str:
+    """Create the version's run in the experiment `gradprune`; returns its id."""
+    return runlog.start_run(client or MlflowClient(), job, config, held.claim_id)
+
+
+def fetch(uri: str, cache_dir: str | None = None) -> str:
+    """Fetch the clean set (s3:// into the content-keyed cache) and return its local folder."""
+    return str(fetch_clean_set(uri, cache_dir))
+
+
+def validate(folder: str, uri: str, run_id: str | None, checks: Checks | None = None,
+             client: MlflowClient | None = None) -> dict[str, Any]:
+    """Run the GX suite, log its result to the run, and return the summary. Raises CleanSetRejected on failure."""
+    outcome = validate_clean_set(folder, checks or Checks(), source=uri)
+    if run_id:
+        runlog.log_validation(client or MlflowClient(), run_id, outcome.summary)
+    outcome.raise_for_failure()
+    return outcome.summary
+
+
+def load_model(name: str, version: str) -> SourceModel:
+    """Download, scan and load the source version."""
+    return load_source(name, version)
+
+
+def load_inputs(job: PendingVersion, folder: str, run_id: str | None = None, cache_dir: str | None = None,
+                client: MlflowClient | None = None) -> Inputs:
+    """Load the verified clean set, the model's triggers and test set; record the data sets as run inputs."""
+    from gradprune_mlflow.data.cleanset import load_clean_set
+
+    clean_set = load_clean_set(Path(folder), source=job.clean_data)
+    inputs = Inputs(
+        clean_set,
+        trigger=load_trigger_uri(job.trigger, cache_dir) if job.trigger else None,
+        eval_trigger=load_trigger_uri(job.eval_trigger, cache_dir) if job.eval_trigger else None,
+        test_set=load_data_uri(job.test_data, cache_dir) if job.test_data else None,
+    )
+    check_inputs(clean_set, inputs.trigger, inputs.eval_trigger, test_set=inputs.test_set)
+    if run_id:
+        client = client or MlflowClient()
+        runlog.log_data_params(client, run_id, clean_set, inputs.test_set)
+        runlog.log_clean_set_input(client, run_id, clean_set, job.clean_data, context="training")
+        if inputs.test_set is not None:
+            runlog.log_clean_set_input(client, run_id, inputs.test_set, job.test_data, context="evaluation")
+    return inputs
+
+
+def run_defense(source: SourceModel, inputs: Inputs, config: SanitizeConfig, progress=None):
+    """Sanitize the source model; returns the SanitizeResult."""
+    import gradprune_mlflow
+
+    return gradprune_mlflow.sanitize(source.model, inputs.clean_set, inputs.trigger, config,
+                                     eval_trigger=inputs.eval_trigger, test_set=inputs.test_set, progress=progress)
+
+
+def log(run_id: str, result, inputs: Inputs, client: MlflowClient | None = None) -> dict[str, float]:
+    """Log metrics, curve and artifacts of a result to the run; returns the metrics."""
+    return runlog.log_result(client or MlflowClient(), run_id, result, inputs.clean_set)
+
+
+def register(held: Claim, run_id: str, result, source: SourceModel, inputs: Inputs,
+             client: MlflowClient | None = None) -> str:
+    """Log the sanitized model into the run and register it (version, tags, description, alias); returns the version.
+
+    A registration that fails part-way leaves nothing behind: see register.register_sanitized.
+    """
+    client = client or MlflowClient()
+    info = log_sanitized_model(run_id, result.model, source, inputs.clean_set.meta.input_shape)
+    return register_sanitized(client, held, model_info=info, run_id=run_id, report=result.report,
+                              run_link=runlog.run_url(client, run_id))
+
+
+def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_version: str | None,
+            client: MlflowClient | None = None) -> Outcome:
+    """Write the final status (sanitized, or clean when nothing was flagged and no model came out) and end the run."""
+    client = client or MlflowClient()
+    extra = {"run_id": run_id}
+    if sanitized_version:
+        extra["sanitized_version"] = sanitized_version
+    status = T.SANITIZED if sanitized_version else T.CLEAN
+    reason = None if sanitized_version else "no backdoor flagged; nothing registered (on_clean=skip)"
+    finish(client, held, status, reason, **extra)
+    runlog.end_run(client, run_id, ok=True)
+    return Outcome(job.name, job.version, status, reason, run_id, runlog.run_url(client, run_id), sanitized_version,
+                   dict(result.report.get("before") or {}), dict(result.report.get("after") or {}))
+
+
+def fail(job: PendingVersion, held: Claim, run_id: str | None, exc: BaseException,
+         client: MlflowClient | None = None) -> Outcome:
+    """Record a failed step: the error's status and reason on the version (unless the claim was lost to another
+    worker, whose tags we must not touch), and the run marked FAILED."""
+    client = client or MlflowClient()
+    status, reason = status_for(exc), reason_for(exc)
+    if isinstance(exc, ClaimLost):
+        status = "lost"
+    elif status == T.FAILED:
+        reason += "; retry by deleting the gradprune.status tag or with `gradprune scan --retry-failed`"
+    if not isinstance(exc, ClaimLost):
+        extra = {"run_id": run_id} if run_id else {}
+        finish(client, held, status, reason, **extra)
+    url = None
+    if run_id:
+        client.set_tag(run_id, T.REASON, reason[: T.MAX_REASON])
+        runlog.end_run(client, run_id, ok=False)
+        url = runlog.run_url(client, run_id)
+    return Outcome(job.name, job.version, status, reason, run_id, url)
+
+
+def retry_failed(client: MlflowClient | None = None, model: str | None = None) -> list[str]:
+    """Make `failed` versions pending again (delete their status, reason and claim tags); returns 'name/version's."""
+    client = client or MlflowClient()
+    reset = []
+    for rm in registered_models(client, model):
+        for v in all_versions(client, rm.name):
+            if (v.tags or {}).get(T.STATUS) == T.FAILED:
+                for key in (T.REASON, T.CLAIM_ID, T.LEASE_UNTIL, T.STATUS):  # status last: pending only when clean
+                    if key in v.tags:
+                        client.delete_model_version_tag(rm.name, v.version, key)
+                reset.append(f"{rm.name}/{v.version}")
+    return reset
+

@@ -1,0 +1,129 @@
+"""Fine-tuning after pruning: masks are held (pruned filters cannot regrow), BatchNorm statistics stay put."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.data.cleanset import CleanSet
+from gradprune_mlflow.defense.finetune import finetune, validation_loss
+from gradprune_mlflow.defense.masks import FilterMasks
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.triggers import PatchTrigger
+from gradprune_mlflow.defense.unlearning import triggered_copy
+from gradprune_mlflow.models.zoo import create_model
+
+PER_CLASS = 40
+TRIGGER = PatchTrigger(0)
+
+
+@pytest.fixture(scope="module")
+def data(clean_set):
+    idx = torch.cat([torch.nonzero(clean_set.labels == c).flatten()[:PER_CLASS] for c in range(10)])
+    train, val = CleanSet(clean_set.meta, clean_set.images[idx], clean_set.labels[idx]).split(0.1, seed=0)
+    return train, val, triggered_copy(val, TRIGGER)
+
+
+# In SmallCNN a pruned channel goes through BatchNorm (gamma = beta = 0) into a ReLU at exactly 0, whose gradient is 0:
+# the channel is dead and nothing would regrow it even without masks. In TinyResNet the BatchNorm output of conv2 and
+# of the 1x1 shortcut is added to the residual before the ReLU, so gradients do reach the pruned filters.
+PLANS = {
+    "small_cnn": {"features.0": [1, 4], "features.4": [2, 10, 33]},
+    "tiny_resnet": {"layers.1.conv2": [3, 9], "layers.1.shortcut.0": [1], "layers.2.shortcut.0": [0, 63]},
+}
+
+
+def tune(model, plan, data, meta, *, hold=True, epochs=3):
+    """Prune `plan` on a copy of `model`, fine-tune it (masks held unless hold=False); return everything to check."""
+    work = copy.deepcopy(model).float().eval()
+    net = Normalized(work, meta.mean, meta.std)
+    masks = FilterMasks(work, torch.zeros(1, *meta.input_shape))
+    for layer, filters in plan.items():
+        masks.prune(layer, filters, step=1)
+    before = copy.deepcopy(work.state_dict())
+    train, val, val_t = data
+    cfg = SanitizeConfig(device="cpu").with_overrides(finetune_epochs=epochs, finetune_patience=epochs)
+    teacher = Normalized(copy.deepcopy(model).float().eval(), meta.mean, meta.std).eval()
+    out = finetune(net, masks if hold else None, train, TRIGGER, val, val_t, cfg, SilentProgress(),
+                   torch.Generator().manual_seed(0), teacher)
+    return work, masks, before, out, net
+
+
+def pruned_params(work, masks, plan):
+    """(name, tensor) of every parameter slice that must stay exactly zero: filter, bias, BatchNorm gamma and beta."""
+    for layer, filters in plan.items():
+        conv = masks.convs[layer]
+        yield f"{layer}.weight", conv.weight[filters]
+        if conv.bias is not None:
+            yield f"{layer}.bias", conv.bias[filters]
+        bn = masks.bns.get(layer)
+        if bn is not None:
+            yield f"bn of {layer}: gamma", bn.weight[filters]
+            yield f"bn of {layer}: beta", bn.bias[filters]
+
+
+def seeded_resnet() -> torch.nn.Module:
+    """A seeded TinyResNet whose BatchNorms have non-trivial statistics (no trained fixture is needed here)."""
+    torch.manual_seed(0)
+    model = create_model("tiny_resnet", num_classes=10, in_channels=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model
+
+
+@pytest.fixture(params=list(PLANS))
+def model(request, badnets_cnn):
+    return request.param, badnets_cnn if request.param == "small_cnn" else seeded_resnet()
+
+
+def test_pruned_filters_stay_exactly_zero_while_the_rest_trains(model, data, clean_set):
+    name, net0 = model
+    plan = PLANS[name]
+    work, masks, before, out, _net = tune(net0, plan, data, clean_set.meta)
+    assert out.best_epoch >= 1, "fine-tuning should have improved the validation loss"
+    slices = list(pruned_params(work, masks, plan))
+    assert len(slices) == 3 * len(plan) and all(p.numel() > 0 for _n, p in slices)
+    for what, values in slices:
+        assert torch.count_nonzero(values) == 0, f"{what} regrew during fine-tuning"
+    after = work.state_dict()
+    for layer, filters in plan.items():
+        keep = [f for f in range(masks.convs[layer].out_channels) if f not in filters]
+        assert not torch.equal(after[f"{layer}.weight"][keep], before[f"{layer}.weight"][keep]), layer
+
+
+def test_batchnorm_statistics_are_never_updated_from_triggered_images(data, clean_set, badnets_cnn):
+    work, _masks, before, out, _net = tune(badnets_cnn, PLANS["small_cnn"], data, clean_set.meta, epochs=1)
+    assert out.best_epoch == 1
+    for key, value in work.state_dict().items():
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(value, before[key]), key
+
+
+def test_without_held_masks_pruned_filters_regrow(data, clean_set):
+    """The control: in a residual net the optimiser does move zeroed filters; holding the masks is what stops it."""
+    plan = PLANS["tiny_resnet"]
+    work, masks, _before, out, _net = tune(seeded_resnet(), plan, data, clean_set.meta, hold=False, epochs=1)
+    assert out.best_epoch == 1
+    regrown = [what for what, values in pruned_params(work, masks, plan) if torch.count_nonzero(values) > 0]
+    assert regrown, "without masks the pruned BatchNorm/conv parameters should have moved"
+
+
+def test_the_best_epoch_is_kept(data, clean_set, badnets_cnn):
+    train, val, val_t = data
+    _work, _masks, _before, out, net = tune(badnets_cnn, PLANS["small_cnn"], data, clean_set.meta, epochs=2)
+    start = copy.deepcopy(badnets_cnn)
+    for layer, filters in PLANS["small_cnn"].items():
+        FilterMasks(start, torch.zeros(1, 1, 28, 28)).prune(layer, filters, step=1)
+    start_net = Normalized(start, clean_set.meta.mean, clean_set.meta.std)
+    first = validation_loss(start_net, val, val_t, clean_only=False, batch_size=128)
+    final = validation_loss(net, val, val_t, clean_only=False, batch_size=128)
+    assert out.epochs == 2 and out.best_epoch >= 1 and out.passes == 2 * -(-len(train) // 128)
+    assert final < first

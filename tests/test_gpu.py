@@ -1,0 +1,46 @@
+"""sanitize() on CUDA: the same defense as on CPU, up to float noise and bf16 autocast. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gradprune_mlflow import sanitize
+from gradprune_mlflow.defense.metrics import evaluate
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.triggers import PatchTrigger
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none is available here"),
+]
+
+TRIGGER = PatchTrigger(0, size=3, location="bottom-right")
+SETTINGS = {"finetune_epochs": 5, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def runs(badnets_cnn, clean_set, fashion_test):
+    return {device: sanitize(badnets_cnn, clean_set, TRIGGER, device=device, test_set=fashion_test, **SETTINGS)
+            for device in ("cuda", "cpu")}
+
+
+def test_cuda_run_reports_cuda_and_removes_the_backdoor(runs):
+    report = runs["cuda"].report
+    assert report["device"] == "cuda"
+    assert report["before"]["attack_success_rate"] > 0.9
+    assert report["after"]["attack_success_rate"] < 0.2
+    assert report["before"]["clean_accuracy"] - report["after"]["clean_accuracy"] < 0.08
+
+
+def test_cuda_model_comes_back_on_cpu_and_agrees_with_the_cpu_run(runs, clean_set, fashion_test):
+    gpu, cpu = runs["cuda"].model, runs["cpu"].model
+    assert all(p.device.type == "cpu" for p in gpu.parameters())
+    assert runs["cpu"].report["device"] == "cpu"
+    meta = clean_set.meta
+    on_gpu = evaluate(Normalized(copy.deepcopy(gpu), meta.mean, meta.std).eval(), fashion_test, TRIGGER)
+    on_cpu = evaluate(Normalized(copy.deepcopy(cpu), meta.mean, meta.std).eval(), fashion_test, TRIGGER)
+    assert abs(on_gpu["clean_accuracy"] - on_cpu["clean_accuracy"]) <= 0.02
+    assert on_gpu == runs["cuda"].report["after"]

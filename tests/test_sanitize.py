@@ -1,0 +1,264 @@
+"""The front door end to end: sanitize() on real backdoored models and Fashion-MNIST, the report, and bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from gradprune_mlflow import sanitize
+from gradprune_mlflow.data.cleanset import CleanSet
+from gradprune_mlflow.defense.metrics import evaluate
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.triggers import BlendTrigger, PatchTrigger
+from gradprune_mlflow.errors import BadInput, TriggerError, UnsupportedModel
+from gradprune_mlflow.models.zoo import SmallCNN
+
+TRIGGER = PatchTrigger(0, size=3, location="bottom-right")  # the trigger badnets_cnn was poisoned with
+REPORT_KEYS = {"schema", "mode", "device", "seconds", "trigger_source", "asr_measured_with", "detection", "before",
+               "after", "pruned_filters", "total_filters", "gradient_passes", "evaluated_on"}
+METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy")
+SMALL = {"device": "cpu", "finetune_epochs": 2}  # for runs whose outcome is compared, not judged
+
+
+def subset(clean_set: CleanSet, per_class: int) -> CleanSet:
+    """The first `per_class` images of every class of the trusted set (runs that compare weights need no more)."""
+    idx = torch.cat([torch.nonzero(clean_set.labels == c).flatten()[:per_class]
+                     for c in range(clean_set.meta.num_classes)])
+    return CleanSet(clean_set.meta, clean_set.images[idx], clean_set.labels[idx], source="subset")
+
+
+def measure(model: nn.Module, data, trigger, meta) -> dict:
+    """The report's metric block for `model`, measured on a copy (evaluating through a fresh wrapper must not
+    change the mode of a fixture's model)."""
+    return evaluate(Normalized(copy.deepcopy(model), meta.mean, meta.std).eval(), data, trigger)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"weights differ in {different}"
+
+
+def assert_changed(model: nn.Module, original: nn.Module) -> None:
+    """The defense did something, so that an equality of two sanitized models is not the trivial one."""
+    so = original.state_dict()
+    assert any(not torch.equal(v, so[k]) for k, v in model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def known(badnets_cnn, clean_set, fashion_test):
+    """Known-trigger fast mode on the BadNets model, measured on 2,000 test images; the input model's weights too."""
+    snapshot = copy.deepcopy(badnets_cnn.state_dict()), badnets_cnn.training
+    result = sanitize(badnets_cnn, clean_set, TRIGGER, device="cpu", finetune_epochs=5, test_set=fashion_test)
+    result.returned_in_training_mode = result.model.training  # read before any test touches the model
+    return result, snapshot
+
+
+def test_known_trigger_removes_the_backdoor_and_keeps_clean_accuracy(known):
+    result, _ = known
+    before, after = result.report["before"], result.report["after"]
+    assert before["attack_success_rate"] > 0.9, "the fixture model should carry the backdoor"
+    assert after["attack_success_rate"] < 0.2
+    assert before["clean_accuracy"] - after["clean_accuracy"] < 0.08
+    assert after["robust_accuracy"] > before["robust_accuracy"] + 0.5
+
+
+def test_the_callers_model_is_not_changed(known, badnets_cnn):
+    result, (weights, training) = known
+    assert result.model is not badnets_cnn
+    assert all(torch.equal(v, weights[k]) for k, v in badnets_cnn.state_dict().items())
+    assert badnets_cnn.training is training
+
+
+# Regression (was a library bug, fixed): the sanitized model comes back in TRAINING mode. gradprune_mlflow/defense/pipeline.py line 151 sets
+# `sanitized = work.cpu().eval()`, but line 155 then measures it through a fresh `Normalized(sanitized, ...)` wrapper,
+# which is in training mode, and gradprune_mlflow/defense/metrics.py `logits()` (lines 31-37) ends with
+# `net.train(was_training)` on that wrapper: `train(True)` recurses into the sanitized model. A Python caller of
+# sanitize() then runs BatchNorm on batch statistics and updates its running statistics on every forward (the MLflow
+# folder is spared only because models/io.save_model calls .eval() before saving). The same
+# restore-by-flag pattern is in unlearning.unlearning_gradients (line 32). Fix: restore each module's own mode in
+# logits() (e.g. remember {m: m.training for m in net.modules()}), or build the wrappers with `.eval()` and return
+# `sanitized.eval()` after measuring.
+def test_the_sanitized_model_is_returned_in_eval_mode(known):
+    result, _ = known
+    assert result.returned_in_training_mode is False
+    assert not any(m.training for m in result.model.modules())
+
+
+def test_report_follows_schema_1(known):
+    result, _ = known
+    report = result.report
+    assert REPORT_KEYS <= set(report)
+    assert report["schema"] == 1 and report["mode"] == "fast" and report["device"] == "cpu"
+    assert isinstance(report["seconds"], float) and report["seconds"] > 0
+    assert report["trigger_source"] == "known" and report["asr_measured_with"] == "known"
+    assert report["detection"] is None, "known-trigger mode detects nothing"
+    assert report["evaluated_on"] == "test" and report["evaluated_images"] == 2000
+    for block in ("before", "after"):
+        assert set(report[block]) == set(METRICS)
+        assert all(0.0 <= report[block][m] <= 1.0 for m in METRICS), report[block]
+    assert report["total_filters"] == 32 + 64
+    assert 0 <= report["pruned_filters"] == len(result.history) <= report["total_filters"]
+    assert report["sanitized"] is True
+    assert isinstance(report["gradient_passes"], int) and report["gradient_passes"] >= 1
+    assert sum(report["pruned_by_layer"].values()) == report["pruned_filters"]
+    assert json.loads(json.dumps(report)) == report, "the report must be plain JSON"
+
+
+def test_reported_after_metrics_equal_a_reevaluation_of_the_model(known, clean_set, fashion_test, badnets_cnn,
+                                                                   tmp_path):
+    result, _ = known
+    meta = clean_set.meta
+    assert measure(result.model, fashion_test, TRIGGER, meta) == result.report["after"]
+    assert measure(badnets_cnn, fashion_test, TRIGGER, meta) == result.report["before"]
+    torch.save(result.model, tmp_path / "sanitized.pt")
+    reloaded = torch.load(tmp_path / "sanitized.pt", weights_only=False)
+    assert measure(reloaded, fashion_test, TRIGGER, meta) == result.report["after"]
+
+
+def test_saved_model_is_plain_with_the_pruned_zeros_folded_in(known, badnets_cnn, tmp_path):
+    result, _ = known
+    assert result.history, "the known-trigger run should have pruned at least one filter"
+    torch.save(result.model, tmp_path / "sanitized.pt")
+    for model in (result.model, torch.load(tmp_path / "sanitized.pt", weights_only=False)):
+        assert type(model) is type(badnets_cnn)
+        assert list(model.state_dict()) == list(badnets_cnn.state_dict()), "state_dict keys must be unchanged"
+        for name, m in model.named_modules():
+            assert not parametrize.is_parametrized(m), name
+            assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), f"hooks left on {name!r}"
+        modules = dict(model.named_modules())
+        bn_of = {"features.0": "features.1", "features.4": "features.5"}
+        for entry in result.history:
+            f = entry["filter"]
+            assert torch.count_nonzero(modules[entry["layer"]].weight[f]) == 0
+            bn = modules[bn_of[entry["layer"]]]
+            assert bn.weight[f] == 0 and bn.bias[f] == 0
+
+
+# --- the evaluation trigger and the seed ---
+
+
+@pytest.fixture(scope="module")
+def small_set(clean_set):
+    return subset(clean_set, per_class=30)
+
+
+@pytest.fixture(scope="module")
+def known_pair(badnets_cnn, small_set, fashion_test):
+    """Two known-trigger runs that differ only in the evaluation trigger (the real patch vs a blend)."""
+    return [sanitize(badnets_cnn, small_set, TRIGGER, eval_trigger=ev, test_set=fashion_test, seed=3, **SMALL)
+            for ev in (PatchTrigger(0, location="bottom-right"), BlendTrigger(0, alpha=0.2))]
+
+
+def test_eval_trigger_never_reaches_the_defense_known_mode(known_pair, badnets_cnn):
+    with_patch, with_blend = known_pair
+    assert_changed(with_patch.model, badnets_cnn)
+    assert_same_weights(with_patch.model, with_blend.model)
+    assert with_patch.history == with_blend.history and with_patch.curve == with_blend.curve
+    for result in known_pair:
+        assert result.report["asr_measured_with"] == "eval" and result.report["trigger_source"] == "known"
+    # The eval trigger was really used for measuring: the same model scores differently under the two triggers.
+    assert with_patch.report["before"]["attack_success_rate"] != with_blend.report["before"]["attack_success_rate"]
+
+
+def test_same_seed_twice_gives_bit_identical_weights_on_cpu(known_pair, badnets_cnn, small_set, fashion_test):
+    again = sanitize(badnets_cnn, small_set, TRIGGER, eval_trigger=PatchTrigger(0), test_set=fashion_test, seed=3,
+                     **SMALL)
+    first = known_pair[0]
+    assert again.report["device"] == "cpu"
+    assert_same_weights(first.model, again.model)
+    assert again.report["after"] == first.report["after"]
+    assert again.report["gradient_passes"] == first.report["gradient_passes"]
+
+
+def test_accuracies_are_measured_on_validation_without_test_data(known_pair, badnets_cnn, small_set):
+    """Without test_set the report says 'validation'; the test data never changed the defense either."""
+    result = sanitize(badnets_cnn, small_set, TRIGGER, seed=3, **SMALL)
+    assert result.report["evaluated_on"] == "validation"
+    assert result.report["evaluated_images"] == result.report["clean_set"]["validation"] == 30
+    assert result.report["asr_measured_with"] == "known"
+    assert all(0.0 <= result.report["after"][m] <= 1.0 for m in METRICS)
+    assert_same_weights(result.model, known_pair[0].model)
+
+
+def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, small_set):
+    runs = [sanitize(badnets_cnn, small_set, None, eval_trigger=ev, on_clean="sanitize", synth_steps=10,
+                     synth_restarts=1, seed=5, **SMALL)
+            for ev in (PatchTrigger(0, location="bottom-right"), BlendTrigger(0, alpha=0.2))]
+    for result in runs:
+        report = result.report
+        assert result.model is not None and report["sanitized"] is True
+        assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "eval"
+        assert {"target", "anomaly_index", "flagged"} <= set(report["detection"])
+        assert report["synthesis_steps"] == 10 * 1 * 2
+    assert_changed(runs[0].model, badnets_cnn)
+    assert_same_weights(runs[0].model, runs[1].model)
+    assert runs[0].report["detection"] == runs[1].report["detection"]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(runs[0].triggers, runs[1].triggers, strict=True))
+
+
+def test_trigger_free_on_a_clean_model_with_skip(clean_cnn, clean_set):
+    """Nothing to find: with on_clean='skip' no model is written and the report says so."""
+    result = sanitize(clean_cnn, subset(clean_set, 50), None, device="cpu", on_clean="skip", synth_steps=60,
+                      synth_restarts=1, finetune_epochs=2)
+    report, detection = result.report, result.report["detection"]
+    print(f"clean model: detection {detection['family']} class {detection['target']} "
+          f"anomaly index {detection['anomaly_index']} flagged {detection['flagged']}")
+    assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "synthesized"
+    assert detection["flagged"] is (detection["anomaly_index"] > 2.0)
+    if not detection["flagged"]:
+        assert result.model is None and report["sanitized"] is False
+        assert report["after"] is None and report["pruned_filters"] == 0 and report["gradient_passes"] == 0
+        assert 0.0 <= report["before"]["clean_accuracy"] <= 1.0
+    else:  # documented: a flagged model is sanitized with the synthesized trigger whatever on_clean says
+        assert result.model is not None and report["sanitized"] is True and report["after"] is not None
+
+
+# --- bad inputs ---
+
+
+def test_wrong_number_of_outputs_is_bad_input(clean_set):
+    with pytest.raises(BadInput, match="5.*10 classes"):
+        sanitize(SmallCNN(num_classes=5), clean_set, TRIGGER, device="cpu")
+
+
+def test_nan_weights_are_unsupported(badnets_cnn, clean_set):
+    broken = copy.deepcopy(badnets_cnn)
+    with torch.no_grad():
+        broken.features[4].weight[3, 0, 1, 1] = float("nan")
+    with pytest.raises(UnsupportedModel, match="NaN"):
+        sanitize(broken, clean_set, TRIGGER, device="cpu")
+
+
+@pytest.mark.parametrize("which", ["trigger", "eval_trigger"])
+def test_trigger_target_out_of_range_is_a_trigger_error(badnets_cnn, clean_set, which):
+    kwargs = {"trigger": TRIGGER, which: PatchTrigger(10)}
+    with pytest.raises(TriggerError, match="target 10"):
+        sanitize(badnets_cnn, clean_set, device="cpu", **kwargs)
+
+
+def test_wrong_input_channels_is_bad_input(clean_set):
+    with pytest.raises(BadInput, match=r"\[1, 28, 28\]"):
+        sanitize(SmallCNN(in_channels=3), clean_set, TRIGGER, device="cpu")
+
+
+def test_a_model_without_conv2d_is_unsupported(clean_set):
+    with pytest.raises(UnsupportedModel, match="Conv2d"):
+        sanitize(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), clean_set, TRIGGER, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful where there is no CUDA")
+def test_cuda_without_cuda_is_bad_input(badnets_cnn, clean_set):
+    with pytest.raises(BadInput, match="CUDA"):
+        sanitize(badnets_cnn, clean_set, TRIGGER, device="cuda")
+
+
+def test_unknown_setting_is_bad_input(badnets_cnn, clean_set):
+    with pytest.raises(BadInput, match="finetune_epoch"):
+        sanitize(badnets_cnn, clean_set, TRIGGER, finetune_epoch=3)
