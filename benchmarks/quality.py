@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gradprune_mlflow import load_clean_set, sanitize
-from gradprune_mlflow import lab
+from gradprune_mlflow import lab, load_clean_set, sanitize
 
 HERE = Path(__file__).parent
 RUNS = {  # name -> (known trigger?, mode)

@@ -228,7 +228,8 @@ def test_a_model_without_conv2d_is_unsupported():
         conv_layers(mlp)
 
 
-# Regression (was a library bug, fixed, gradprune_mlflow/defense/masks.py, FilterMasks.apply): a BatchNorm2d(affine=False) directly after a
+# Regression (fixed library bug, gradprune_mlflow/defense/masks.py, FilterMasks.apply): a
+# BatchNorm2d(affine=False) directly after a
 # pruned conv has no gamma/beta to zero, so in eval mode its output channel is the constant -running_mean /
 # sqrt(running_var + eps), not 0: the pruned filter still emits a bias, the very "BN beta left non-zero" defect the
 # issue lists. Fix: also zero running_mean[idx] of the paired BatchNorm (then (0 - 0) / sqrt(var + eps) = 0), or

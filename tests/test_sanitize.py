@@ -76,7 +76,8 @@ def test_the_callers_model_is_not_changed(known, badnets_cnn):
     assert badnets_cnn.training is training
 
 
-# Regression (was a library bug, fixed): the sanitized model comes back in TRAINING mode. gradprune_mlflow/defense/pipeline.py line 151 sets
+# Regression (was a library bug, fixed): the sanitized model comes back in TRAINING mode.
+# gradprune_mlflow/defense/pipeline.py line 151 sets
 # `sanitized = work.cpu().eval()`, but line 155 then measures it through a fresh `Normalized(sanitized, ...)` wrapper,
 # which is in training mode, and gradprune_mlflow/defense/metrics.py `logits()` (lines 31-37) ends with
 # `net.train(was_training)` on that wrapper: `train(True)` recurses into the sanitized model. A Python caller of

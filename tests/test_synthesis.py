@@ -101,7 +101,8 @@ def test_synthesize_is_deterministic_for_a_seed(net, clean_set):
     assert not torch.equal(a.masks, c.masks)
 
 
-# Regression (was a library bug, fixed, gradprune_mlflow/defense/synthesis.py, synthesize, lines 113-130): the success test and the size are
+# Regression (fixed library bug, gradprune_mlflow/defense/synthesis.py, synthesize, lines 113-130): the success
+# test and the size are
 # taken from the forward pass BEFORE `opt.step()` (lines 113-119), but the "best" mask and pattern are read with
 # `fam.parts(params)` AFTER it (line 129). The trigger kept per class is therefore one Adam step later than the one
 # that worked: its mask no longer has the recorded size, and it is not guaranteed to reach the target. Fix: keep
