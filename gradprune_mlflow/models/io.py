@@ -281,7 +281,7 @@ def save_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         target = staging / "model"
-        with _quiet("mlflow.pytorch"):  # its pickle warning is about loading untrusted files; this one is ours
+        with quiet("mlflow.pytorch"):  # its pickle warning is about loading untrusted files; this one is ours
             mlflow.pytorch.save_model(
                 model, str(target), serialization_format="pickle", pickle_module=pickle, signature=signature,
                 # Given explicitly: inferring them would load the model again in a subprocess.
@@ -307,8 +307,9 @@ def _requirements() -> list[str]:
 
 
 @contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Raise a logger's level to ERROR inside a with block."""
+def quiet(name: str) -> Iterator[None]:
+    """Raise a logger's level to ERROR inside a with block: mlflow.pytorch warns about pickle on every save and load,
+    and ours are scanned first, so the warning says nothing to our users."""
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)

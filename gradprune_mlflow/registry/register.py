@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +16,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from gradprune_mlflow.errors import GradpruneError
+from gradprune_mlflow.models.io import quiet
 from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.claim import Claim, holds
 from gradprune_mlflow.registry.pending import all_versions
@@ -52,19 +51,6 @@ def log_sanitized_model(run_id: str, model: nn.Module, source: SourceModel, inpu
             model, name=MODEL_NAME, serialization_format="pickle", pickle_module=pickle, signature=signature,
             pip_requirements=requirements,
         )
-
-
-@contextmanager
-def quiet(logger_name: str) -> Iterator[None]:
-    """Silence a logger below ERROR inside the block: mlflow.pytorch warns about pickle on every save; our loads are
-    scanned first (models/io.py), so the warning says nothing to our users."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def register_sanitized(

@@ -75,7 +75,7 @@ def register_source_model(
     exp = client.get_experiment_by_name(experiment) if experiment else None
     exp_id = exp.experiment_id if exp else (client.create_experiment(experiment) if experiment else None)
     requirements = mlflow.pytorch.get_default_pip_requirements()
-    from gradprune_mlflow.registry.register import quiet
+    from gradprune_mlflow.models.io import quiet
 
     with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}") as run, quiet("mlflow.pytorch"):
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pickle_module=pickle,
