@@ -123,8 +123,10 @@ def test_reported_after_metrics_equal_a_reevaluation_of_the_model(known, clean_s
     assert measure(reloaded, fashion_test, TRIGGER, meta) == result.report["after"]
 
 
-def test_saved_model_is_plain_with_the_pruned_zeros_folded_in(known, badnets_cnn, tmp_path):
-    result, _ = known
+def test_saved_model_is_plain_with_the_pruned_zeros_folded_in(badnets_cnn, clean_set, tmp_path):
+    # A loose accuracy budget keeps the first pruning step whatever the freshly trained model's filters are like:
+    # this test is about how pruned filters end up in the saved model, not about when to stop pruning.
+    result = sanitize(badnets_cnn, clean_set, TRIGGER, device="cpu", finetune_epochs=2, acc_drop_budget=0.9)
     assert result.history, "the known-trigger run should have pruned at least one filter"
     torch.save(result.model, tmp_path / "sanitized.pt")
     for model in (result.model, torch.load(tmp_path / "sanitized.pt", weights_only=False)):
