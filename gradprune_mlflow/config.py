@@ -50,6 +50,9 @@ class SanitizeConfig:
     synth_restarts: int = 2
     # A class is flagged when its anomaly index (median absolute deviation) exceeds this.
     anomaly_threshold: float = 2.0
+    # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
+    # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
+    recheck_rounds: int = 2
 
     def resolved_patience(self) -> int:
         if self.prune_patience is not None:

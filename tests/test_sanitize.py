@@ -198,8 +198,13 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         report = result.report
         assert result.model is not None and report["sanitized"] is True
         assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "eval"
-        assert {"target", "anomaly_index", "flagged"} <= set(report["detection"])
-        assert report["synthesis_steps"] == 10 * 1 * 2
+        assert {"target", "anomaly_index", "flagged", "rechecks"} <= set(report["detection"])
+        rechecks = report["detection"]["rechecks"]
+        # At least one search of the flagged class after fine-tuning; another only while it is still anomalous.
+        assert 1 <= len(rechecks) <= 2 and [r["round"] for r in rechecks] == list(range(1, len(rechecks) + 1))
+        assert all(r["repeated"] is (r["anomaly_index"] > 2.0) for r in rechecks)
+        assert all(r["repeated"] for r in rechecks[:-1])
+        assert report["synthesis_steps"] == 10 * 1 * (2 + len(rechecks))
     assert_changed(runs[0].model, badnets_cnn)
     assert_same_weights(runs[0].model, runs[1].model)
     assert runs[0].report["detection"] == runs[1].report["detection"]

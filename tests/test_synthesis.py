@@ -128,3 +128,15 @@ def test_badnets_target_has_the_smallest_patch_trigger(net, clean_set):
     sizes = res.class_sizes()
     found = detect([res], threshold=2.0)
     assert int(sizes.argmin()) == 0 or (found.flagged and found.target == 0), sizes.tolist()
+
+
+def test_synthesize_a_subset_of_classes_keeps_their_class_ids(net, clean_set):
+    """The recheck after fine-tuning searches the flagged class alone: one column, still labelled with its class."""
+    res = synthesize(net, clean_set.images[:200], clean_set.labels[:200], K, "patch", steps=3, restarts=2,
+                     generator=torch.Generator().manual_seed(0), progress=SilentProgress(), classes=[7])
+    assert res.sizes.shape == (2, 1) and res.masks.shape == (2, 1, 1, 28, 28)
+    assert res.classes == [7] and res.column(7) == 0
+    triggers = res.triggers(7)
+    assert len(triggers) == 2 and all(t.target == 7 for t in triggers)
+    with pytest.raises(ValueError):
+        res.triggers(3)  # not searched

@@ -21,7 +21,7 @@ from gradprune_mlflow.defense.metrics import evaluate
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.prune import prune
-from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, detect, synthesize
+from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger, check_trigger_fits
 from gradprune_mlflow.defense.unlearning import RandomFill, TriggerMix, triggered_copy
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
@@ -111,7 +111,36 @@ def _synthesized(
 
 def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
     """The literal synthesized trigger of class k with the smallest size: what ASR is measured with, trigger-free."""
-    return result.triggers(k)[int(result.sizes[:, k].argmin())]
+    return result.triggers(k)[int(result.sizes[:, result.column(k)].argmin())]
+
+
+def _recheck(net, masks, train, val, unlearn, family, detection, cfg, gen, progress, teacher, finetune_out):
+    """Trigger-free mode's verify-and-repeat: search the flagged class's trigger again on the fine-tuned model.
+
+    Unlearning makes a model immune to the triggers it was shown, while the real one can survive (a reverse-engineered
+    patch is rarely the attacker's). So after fine-tuning, the flagged class alone (cheap: one class's rows) is searched
+    again; while its smallest working trigger is still anomalously small next to the other classes' sizes from the
+    first search, the new triggers join the unlearning mix and fine-tuning runs again. Returns (rechecks, the last
+    fine-tuning outcome); each recheck is {"round", "size", "anomaly_index", "repeated"}.
+    """
+    rechecks = []
+    target, col = detection.target, family.column(detection.target)
+    for rnd in range(1, cfg.recheck_rounds + 1):
+        again = synthesize(net, train.images, train.labels, len(family.sizes[0]), family.family,
+                           steps=cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen, progress=progress,
+                           classes=[target])
+        sizes = family.class_sizes().clone()
+        sizes[col] = again.class_sizes()[0]
+        index = float(anomaly_index(sizes)[col])
+        repeat = index > cfg.anomaly_threshold
+        rechecks.append({"round": rnd, "size": round(float(sizes[col]), 5), "anomaly_index": round(index, 4),
+                         "repeated": repeat})
+        if not repeat:
+            break
+        unlearn = TriggerMix(unlearn.triggers + unlearning_trigger(again, target, gen).triggers, gen)
+        finetune_out = finetune(net, masks, train, unlearn, val, triggered_copy(val, unlearn), cfg, progress, gen,
+                                teacher)
+    return rechecks, finetune_out
 
 
 def run_sanitize(
@@ -146,7 +175,7 @@ def run_sanitize(
     teacher = copy.deepcopy(net).eval()
     masks = FilterMasks(work, torch.zeros(1, *meta.input_shape, device=device))
 
-    detection, synthesized, measure_with = None, [], trigger
+    detection, synthesized, measure_with, rechecks = None, [], trigger, []
     if trigger is None:
         detection, family = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
         synthesized = family.triggers(detection.target)
@@ -161,6 +190,9 @@ def run_sanitize(
         train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
         prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress)
         finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
+        if detection is not None:
+            rechecks, finetune_out = _recheck(net, masks, train, val, unlearn, family, detection, cfg, gen, progress,
+                                              teacher, finetune_out)
         masks.apply()
     progress.close()
 
@@ -176,7 +208,7 @@ def run_sanitize(
         "seconds": round(time.perf_counter() - start, 3),
         "trigger_source": "known" if trigger is not None else "synthesized",
         "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
-        "detection": detection.to_report() if detection else None,
+        "detection": {**detection.to_report(), "rechecks": rechecks} if detection else None,
         "before": before,
         "after": after,
         "sanitized": not skipped,
@@ -186,7 +218,9 @@ def run_sanitize(
         "gradient_passes": prune_out.passes if prune_out else 0,
         "finetune_epochs": finetune_out.epochs if finetune_out else 0,
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
-        "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) if trigger is None else 0,
+        # one search per family over every class, then one over the flagged class per recheck
+        "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * (len(FAMILIES) + len(rechecks)) if trigger is None
+        else 0,
         "evaluated_on": evaluated_on,
         "evaluated_images": len(data),
         "clean_set": {"name": meta.name, "images": len(clean_set), "train": len(train), "validation": len(val),

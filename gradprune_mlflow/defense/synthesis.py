@@ -36,6 +36,7 @@ class FamilyResult:
     worked: torch.Tensor  # (R, K) bool
     masks: torch.Tensor  # (R, K, 1, H, W)
     patterns: torch.Tensor  # (R, K, C, H, W)
+    classes: list[int] | None = None  # the class of each column; None: column k is class k
 
     def class_sizes(self) -> torch.Tensor:
         """Per-class size, averaged over restarts."""
@@ -43,8 +44,13 @@ class FamilyResult:
 
     def triggers(self, k: int) -> list[MaskTrigger]:
         """The synthesized triggers of class k, one per restart, in the general mask form."""
-        return [MaskTrigger(k, self.masks[r, k], self.patterns[r, k], source=f"synthesized-{self.family}")
+        j = self.column(k)
+        return [MaskTrigger(k, self.masks[r, j], self.patterns[r, j], source=f"synthesized-{self.family}")
                 for r in range(self.masks.shape[0])]
+
+    def column(self, k: int) -> int:
+        """The column of class k in sizes/worked/masks/patterns."""
+        return k if self.classes is None else self.classes.index(k)
 
 
 class _Patch:
@@ -90,12 +96,18 @@ def synthesize(
     restarts: int,
     generator: torch.Generator,
     progress: Progress,
+    classes: list[int] | None = None,
 ) -> FamilyResult:
-    """Search the smallest trigger of `family` for every class, all classes and restarts batched; net is unchanged."""
+    """Search the smallest trigger of `family` for every class (or only `classes`), all classes and restarts batched.
+
+    The net is unchanged. The result's class axis follows `classes` when given (column j is class classes[j]).
+    """
     fam = FAMILIES[family]
     device = next(net.parameters()).device
-    rows, shape = restarts * num_classes, tuple(images.shape[1:])
-    target = torch.arange(num_classes).repeat(restarts).to(device)  # row r*K + k -> class k
+    searched = torch.arange(num_classes) if classes is None else torch.tensor(classes)
+    k = len(searched)
+    rows, shape = restarts * k, tuple(images.shape[1:])
+    target = searched.repeat(restarts).to(device)  # row r*k + j -> class searched[j]
     params = [p.to(device).requires_grad_() for p in fam.init(rows, shape, generator)]
     opt = torch.optim.Adam(params, lr=0.1, betas=(0.5, 0.9))
     lam = torch.full((rows,), 1e-2, device=device)
@@ -140,10 +152,11 @@ def synthesize(
         final_m, final_p = fam.parts(params)
         best[0][~worked], best[1][~worked] = final_m[~worked], final_p[~worked]
         sizes = torch.where(worked, best_size, fam.size(params))
-    k, (c, h, w) = num_classes, shape
+    c, h, w = shape
     return FamilyResult(
         family, sizes.view(restarts, k).cpu(), worked.view(restarts, k).cpu(),
         best[0].view(restarts, k, 1, h, w).cpu(), best[1].view(restarts, k, c, h, w).cpu(),
+        None if classes is None else list(classes),
     )
 
 

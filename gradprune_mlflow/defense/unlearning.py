@@ -36,7 +36,9 @@ def unlearning_gradients(net: nn.Module, triggered: Split, batch_size: int = 256
 
 class RandomFill(Trigger):
     """A synthesized trigger's region refilled for every image: half get per-pixel uniform noise, half one random
-    solid value (real patches are often solid, and noise alone averages to grey).
+    solid colour (real patches are often solid, and noise alone averages to grey). Solid values are drawn from the
+    arcsine distribution, sin^2(pi u / 2), per channel: real patches tend to be saturated (white squares, coloured
+    stickers), and a uniform draw comes near white in only a few percent of images.
 
     A reverse-engineered patch is often a few scattered pixels that do not carry over to the real trigger; unlearning
     "anything in this region" does.
@@ -51,7 +53,8 @@ class RandomFill(Trigger):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.rand(x.shape, generator=self.generator)
-        solid = torch.rand(len(x), 1, 1, 1, generator=self.generator).expand_as(noise)
+        u = torch.rand(len(x), x.shape[1], 1, 1, generator=self.generator)
+        solid = torch.sin(torch.pi * u / 2).square().expand_as(noise)
         pick = (torch.rand(len(x), 1, 1, 1, generator=self.generator) < 0.5).expand_as(noise)
         noise = torch.where(pick, solid, noise).to(x.device, x.dtype)
         r = self.region.to(x.device, x.dtype)
