@@ -35,6 +35,7 @@ MODEL = "review-cnn"
 CONFIG = {"finetune_epochs": 3}
 # The MLflow UI is a React app that loads its data after the page: wait generously on a loaded two-core machine.
 WAIT_MS = 120_000
+README_SHOTS = ("review-run.png", "review-version.png")  # copied to GRADPRUNE_SCREENSHOT_DIR when it is set
 
 
 def _browser_or_stop() -> None:
@@ -99,7 +100,7 @@ def _shot(page, reviewed, name: str) -> Path:
     path = reviewed["shots"] / name
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)
-    if os.environ.get("GRADPRUNE_SCREENSHOT_DIR"):
+    if os.environ.get("GRADPRUNE_SCREENSHOT_DIR") and name in README_SHOTS:
         Path(os.environ["GRADPRUNE_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, Path(os.environ["GRADPRUNE_SCREENSHOT_DIR"]) / name)
     return path
