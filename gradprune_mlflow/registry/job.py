@@ -171,7 +171,6 @@ def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_ver
     extra = {"run_id": run_id}
     if sanitized_version:
         extra["sanitized_version"] = sanitized_version
-    if sanitized_version:
         review.set_run_note(client, run_id, result.report, model=job.name, version=job.version,
                             sanitized_version=sanitized_version)
     status = T.SANITIZED if sanitized_version else T.CLEAN
