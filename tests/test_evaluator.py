@@ -23,15 +23,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def logged_badnets(badnets_cnn, tmp_path_factory):
-    """The BadNets model logged with mlflow.pytorch (tensor signature [-1, 1, 28, 28]); returns its model URI."""
+def experiment(tmp_path_factory) -> str:
+    """This module's experiment id. Passed to every start_run rather than made the active experiment: a global
+    active experiment would follow later test modules onto their own tracking servers, where it does not exist."""
     # The sqlite store's default artifact root is ./mlruns in the working directory: keep artifacts in tmp instead.
     artifacts = tmp_path_factory.mktemp("evaluator-artifacts")
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("evaluator-tests", artifacts.as_uri()))
+    return mlflow.create_experiment("evaluator-tests", artifacts.as_uri())
+
+
+@pytest.fixture(scope="module")
+def logged_badnets(badnets_cnn, experiment):
+    """The BadNets model logged with mlflow.pytorch (tensor signature [-1, 1, 28, 28]); returns its model URI."""
     example = torch.zeros(1, 1, 28, 28)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), badnets_cnn.eval()(example).numpy())
-    with mlflow.start_run(run_name="log-badnets"):
+    with mlflow.start_run(experiment_id=experiment, run_name="log-badnets"):
         info = mlflow.pytorch.log_model(badnets_cnn, name="model", signature=signature, pip_requirements=["torch"],
                                         serialization_format="pickle", pickle_module=pickle)
     return info.model_uri
@@ -59,10 +65,10 @@ def _config(clean_set, **extra):
 
 
 def test_plugin_is_selected_by_name_and_leaves_the_model_unchanged(logged_badnets, frame, clean_set,
-                                                                   badnets_trigger):
+                                                                   badnets_trigger, experiment):
     pyfunc = mlflow.pyfunc.load_model(logged_badnets)
     weights = {k: v.clone() for k, v in pyfunc.get_raw_model().state_dict().items()}
-    with mlflow.start_run(run_name="evaluate") as run:
+    with mlflow.start_run(experiment_id=experiment, run_name="evaluate") as run:
         result = mlflow.models.evaluate(pyfunc, frame.drop(columns="prediction"), targets="label",
                                         model_type="classifier", evaluators=["gradprune"],
                                         evaluator_config={"gradprune": _config(clean_set,
@@ -80,9 +86,9 @@ def test_plugin_is_selected_by_name_and_leaves_the_model_unchanged(logged_badnet
     assert all(p.requires_grad for p in pyfunc.get_raw_model().parameters())
 
 
-def test_next_to_the_default_evaluator_on_a_predictions_column(logged_badnets, frame, clean_set):
+def test_next_to_the_default_evaluator_on_a_predictions_column(logged_badnets, frame, clean_set, experiment):
     config = _config(clean_set, model_uri=logged_badnets, synthesize=False)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.models.evaluate(data=frame, targets="label", predictions="prediction", model_type="classifier",
                                evaluators=["default", "gradprune"], evaluator_config={"gradprune": config})
     metrics = mlflow.get_run(run.info.run_id).data.metrics
@@ -98,8 +104,8 @@ def test_next_to_the_default_evaluator_on_a_predictions_column(logged_badnets, f
     ({"mean": [0.286], "std": [0]}, "std values must be positive"),
     ({"mean": [0.286], "std": [0.353], "input_shape": [3, 28, 28]}, "each row must hold 2352 pixel values"),
 ])
-def test_bad_config_says_what_to_fix(logged_badnets, frame, config, message):
-    with mlflow.start_run(), pytest.raises(BadInput, match=message):
+def test_bad_config_says_what_to_fix(logged_badnets, frame, config, message, experiment):
+    with mlflow.start_run(experiment_id=experiment), pytest.raises(BadInput, match=message):
         mlflow.models.evaluate(logged_badnets, frame.drop(columns="prediction"), targets="label",
                                model_type="classifier", evaluators=["gradprune"],
                                evaluator_config={"gradprune": config})
