@@ -7,15 +7,18 @@ sanitization per GPU across all workers.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.expectations import Checks
 from gradprune_mlflow.data.s3 import S3Unavailable
 from gradprune_mlflow.registry import job as steps
+from gradprune_mlflow.registry.summary import outcome_markdown
 
 GPU_TAG = "gradprune-gpu"
 # Models, data sets and results stay in memory between tasks: never hash or persist them.
@@ -107,9 +110,9 @@ def sanitize_model(source, inputs, config: SanitizeConfig):
 
 
 @task(**_IN_MEMORY)
-def log_sanitize_result(run_id: str, result, inputs) -> dict[str, float]:
-    """Log metrics, the pruning curve and artifacts to the run; returns the metrics."""
-    return steps.log(run_id, result, inputs)
+def log_sanitize_result(run_id: str, result, inputs, job, validation: dict[str, Any]) -> dict[str, float]:
+    """Log metrics, the pruning curve, artifacts, report.html and the run description; returns the metrics."""
+    return steps.log(run_id, result, inputs, job=job, validation=validation)
 
 
 @task(**_IN_MEMORY)
@@ -134,6 +137,29 @@ def record_failure(job, held, run_id: str | None, exc: BaseException) -> dict[st
     return outcome.to_dict()
 
 
+def artifact_key(model: str, version: str) -> str:
+    """The flow run artifact's key: Prefect keys hold only lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "model"
+    return f"gradprune-{slug}-v{version}"
+
+
+@task(**_IN_MEMORY)
+def publish_outcome(outcome: dict[str, Any]) -> str | None:
+    """Attach the outcome to the flow run as a markdown artifact (status, before/after table, MLflow run link).
+
+    Returns the artifact id. The registry already holds the final status, so a Prefect API that refuses the
+    artifact is logged as a warning rather than failing a version that was sanitized.
+    """
+    key = artifact_key(outcome["model"], str(outcome["version"]))
+    try:
+        artifact_id = create_markdown_artifact(outcome_markdown(outcome), key=key,
+                                               description=f"gradprune: {outcome['status']}")
+    except Exception as exc:
+        get_run_logger().warning("could not create the flow run artifact %s: %s", key, exc)
+        return None
+    return str(artifact_id)
+
+
 @flow(name="sanitize-model-version")
 def sanitize_model_version(
     name: str, version: str, config: dict[str, Any] | None = None, min_per_class: int = 10
@@ -152,12 +178,14 @@ def sanitize_model_version(
     try:
         run_id = start_sanitize_run(job, held, cfg)
         folder = fetch_clean_data(job.clean_data)
-        validate_clean_data(folder, job.clean_data, run_id, min_per_class)
+        validation = validate_clean_data(folder, job.clean_data, run_id, min_per_class)
         source = load_model_version(job.name, job.version)
         inputs = load_inputs(job, folder, run_id)
         result = sanitize_model(source, inputs, cfg)
-        log_sanitize_result(run_id, result, inputs)
+        log_sanitize_result(run_id, result, inputs, job, validation)
         new = register_sanitized_model(held, run_id, result, source, inputs) if result.model is not None else None
-        return finish_version(job, held, run_id, result, new)
+        outcome = finish_version(job, held, run_id, result, new)
     except Exception as exc:
-        return record_failure(job, held, run_id, exc)
+        outcome = record_failure(job, held, run_id, exc)
+    publish_outcome(outcome)
+    return outcome

@@ -32,6 +32,7 @@ from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.inputs import load_data_uri, load_trigger_uri
 from gradprune_mlflow.registry.pending import find_pending, set_model_inputs
 from gradprune_mlflow.registry.source import register_source_model
+from gradprune_mlflow.registry.summary import before_after_table, pct
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -206,3 +207,27 @@ def test_a_crash_marks_the_version_failed_and_the_scan_goes_on(first_scan, regis
     assert T.LEASE_UNTIL not in tags
     assert client.get_model_version("crashy", unsafe).tags[T.STATUS] == T.UNSAFE
     assert client.get_run(tags[T.RUN_ID]).info.status == "FAILED"
+
+
+def test_the_run_and_the_flow_run_carry_what_reviewers_read(first_scan, registry):
+    from prefect.artifacts import Artifact
+
+    from flows.sanitize import artifact_key
+
+    client = registry["client"]
+    outcome = first_scan[(GOOD, "1")]
+    table = before_after_table(outcome)
+    note = client.get_run(outcome["run_id"]).data.tags["mlflow.note.content"]
+    assert table in note and f"Registered as version {outcome['sanitized_version']}" in note
+    assert "Great Expectations): passed" in note
+    html = mlflow.artifacts.load_text(f"runs:/{outcome['run_id']}/report.html")
+    assert "id='before-after'" in html and pct(outcome["after"]["attack_success_rate"]) in html
+    assert html.count("src='data:image/png;base64,") == 3 and "src='http" not in html  # self-contained
+    assert "Clean set validation (Great Expectations)" in html and "passed" in html
+    plots = {a.path for a in client.list_artifacts(outcome["run_id"], "plots")}
+    assert {"plots/pruning_curve.png", "plots/pruned_by_layer.png", "plots/trigger_comparison.png"} <= plots
+    artifact = Artifact.get(artifact_key(GOOD, "1"))
+    assert artifact.type == "markdown" and artifact.flow_run_id is not None
+    assert table in artifact.data and outcome["run_url"] in artifact.data and ": sanitized" in artifact.data
+    rejected = Artifact.get(artifact_key("tiny-data-cnn", "1"))
+    assert ": rejected" in rejected.data and "at least 10 images per class" in rejected.data

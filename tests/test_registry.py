@@ -29,13 +29,14 @@ from gradprune_mlflow.defense.triggers import MaskTrigger, PatchTrigger
 from gradprune_mlflow.errors import BadInput, TriggerError, UnsafeModel, UnsupportedModel
 from gradprune_mlflow.models.zoo import create_model
 from gradprune_mlflow.registry import claim as claims
-from gradprune_mlflow.registry import job
+from gradprune_mlflow.registry import job, review
 from gradprune_mlflow.registry import log as runlog
 from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.inputs import load_trigger_uri
 from gradprune_mlflow.registry.pending import find_pending, set_model_inputs
 from gradprune_mlflow.registry.register import ClaimLost, log_sanitized_model, move_alias, register_sanitized
 from gradprune_mlflow.registry.source import load_source, register_source_model
+from gradprune_mlflow.registry.summary import before_after_table
 
 SHAPE = (1, 28, 28)
 
@@ -124,7 +125,8 @@ def _result(model, *, asr_after=0.02) -> SanitizeResult:
               "asr_measured_with": "eval", "detection": {"target": 0, "anomaly_index": 3.5, "flagged": True},
               "before": {"clean_accuracy": 0.9, "attack_success_rate": 0.97, "robust_accuracy": 0.03},
               "after": {"clean_accuracy": 0.88, "attack_success_rate": asr_after, "robust_accuracy": 0.85},
-              "pruned_filters": 6, "total_filters": 48, "gradient_passes": 9, "evaluated_on": "test"}
+              "pruned_filters": 6, "total_filters": 48, "gradient_passes": 9, "evaluated_on": "test",
+              "pruned_by_layer": {"features.0": 4, "features.3": 2}}
     curve = [{"step": i, "pruned": 2 * i, "val_clean_accuracy": 0.9 - 0.01 * i, "val_unlearning_loss": 3.0 - i}
              for i in range(4)]
     history = [{"layer": "features.0", "filter": f, "step": f // 2, "score": 1.0 / (f + 1)} for f in range(6)]
@@ -166,6 +168,37 @@ def test_a_run_logs_metrics_curve_artifacts_and_inputs(client, small_set):
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == small_set.meta.name
     assert json.loads(dataset.dataset.source)["uri"] == "s3://clean-data/set"
+
+
+def test_the_review_shows_the_synthesized_trigger_beside_the_real_one(client, small_set):
+    (version,) = _register("review-model")
+    set_model_inputs(client, "review-model", clean_data="s3://clean-data/set")
+    pending, held = job.claim("review-model", version)
+    run_id = job.start(pending, held, SanitizeConfig())
+    ge = {"success": True, "suite": "clean-set", "statistics": {"evaluated_expectations": 2,
+                                                                "successful_expectations": 2,
+                                                                "unsuccessful_expectations": 0},
+          "data": {"rows": 30, "source": "s3://clean-data/set"}, "failed": [],
+          "expectations": [{"check": "labels in range", "column": "label", "success": True},
+                           {"check": "unique hashes", "column": "sha256", "success": True}]}
+    runlog.log_validation(client, run_id, ge)
+    result = _result(create_model("small_cnn"))
+    logged = review.log_review(client, run_id, result, model="review-model", version=version, clean_set=small_set,
+                               real_trigger=PatchTrigger(0, size=3), validation=ge)
+    assert logged == ["plots/pruned_by_layer.png", "plots/trigger_comparison.png", "report.html"]
+    html = Path(client.download_artifacts(run_id, "report.html")).read_text()
+    assert "<td class='num'>97.0%</td><td class='num'>2.0%</td>" in html  # attack success rate before, after
+    assert html.count("src='data:image/png;base64,") == 3 and "Synthesized trigger beside the real one" in html
+    assert html.count("<td class='ok'>yes</td>") == 2 and "2 of 2 expectations met on s3://clean-data/set" in html
+    # Two rows in the comparison (one synthesized restart, the real trigger): the figure is two panels high.
+    comparison = Image.open(client.download_artifacts(run_id, "plots/trigger_comparison.png"))
+    assert comparison.size[1] >= 2 * 200
+    note = client.get_run(run_id).data.tags[review.NOTE_TAG]
+    assert before_after_table(result.report) in note and "class 0 flagged, anomaly index 3.50" in note
+    assert "(Great Expectations): passed" in note and "Registered as" not in note
+    note = review.set_run_note(client, run_id, result.report, model="review-model", version=version,
+                               sanitized_version="7")
+    assert "Registered as version 7 with the alias `sanitized`." in client.get_run(run_id).data.tags[review.NOTE_TAG]
 
 
 def test_register_creates_a_tagged_version_and_moves_the_alias(client):

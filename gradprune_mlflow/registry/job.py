@@ -22,6 +22,7 @@ from gradprune_mlflow.data.s3 import fetch_clean_set
 from gradprune_mlflow.defense.triggers import Trigger
 from gradprune_mlflow.errors import GradpruneError
 from gradprune_mlflow.registry import log as runlog
+from gradprune_mlflow.registry import review
 from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.claim import Claim, claim_version, finish, one_line
 from gradprune_mlflow.registry.inputs import check_inputs, load_data_uri, load_trigger_uri
@@ -136,9 +137,19 @@ def run_defense(source: SourceModel, inputs: Inputs, config: SanitizeConfig, pro
                                      eval_trigger=inputs.eval_trigger, test_set=inputs.test_set, progress=progress)
 
 
-def log(run_id: str, result, inputs: Inputs, client: MlflowClient | None = None) -> dict[str, float]:
-    """Log metrics, curve and artifacts of a result to the run; returns the metrics."""
-    return runlog.log_result(client or MlflowClient(), run_id, result, inputs.clean_set)
+def log(run_id: str, result, inputs: Inputs, client: MlflowClient | None = None, *, job: PendingVersion | None = None,
+        validation: dict[str, Any] | None = None) -> dict[str, float]:
+    """Log metrics, curve and artifacts of a result to the run, then what reviewers read: report.html, the figures
+    and the run description (with `job`, the version it is for, and `validation`, the GX summary). Returns the
+    metrics."""
+    client = client or MlflowClient()
+    metrics = runlog.log_result(client, run_id, result, inputs.clean_set)
+    if job is not None:
+        source_page = runlog.version_url(client, job.name, job.version)
+        review.log_review(client, run_id, result, model=job.name, version=job.version, clean_set=inputs.clean_set,
+                          real_trigger=inputs.eval_trigger or inputs.trigger, validation=validation,
+                          links={f"source version {job.version}": source_page} if source_page else None)
+    return metrics
 
 
 def register(held: Claim, run_id: str, result, source: SourceModel, inputs: Inputs,
@@ -160,6 +171,8 @@ def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_ver
     extra = {"run_id": run_id}
     if sanitized_version:
         extra["sanitized_version"] = sanitized_version
+        review.set_run_note(client, run_id, result.report, model=job.name, version=job.version,
+                            sanitized_version=sanitized_version)
     status = T.SANITIZED if sanitized_version else T.CLEAN
     reason = None if sanitized_version else "no backdoor flagged; nothing registered (on_clean=skip)"
     finish(client, held, status, reason, **extra)

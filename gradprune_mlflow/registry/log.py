@@ -6,12 +6,12 @@ worker threads. Metric names are the DESIGN.md contract.
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import time
 import warnings
 from typing import Any
+from urllib.parse import quote
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.registry import tags as T
+from gradprune_mlflow.registry.figures import curve_png, triggers_png
 from gradprune_mlflow.registry.pending import PendingVersion
 
 SIDES = ("before", "after")
@@ -71,6 +72,14 @@ def run_url(client: MlflowClient, run_id: str) -> str:
         return f"runs:/{run_id}"
     exp = client.get_run(run_id).info.experiment_id
     return f"{str(uri).rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def version_url(client: MlflowClient, name: str, version: str) -> str | None:
+    """A link to a model version's page in the MLflow UI, or None when the tracking server does not speak HTTP."""
+    uri = str(client.tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/models/{quote(name, safe='')}/versions/{version}"
 
 
 def log_json(client: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None:
@@ -165,58 +174,6 @@ def _log_triggers(client: MlflowClient, run_id: str, triggers, clean_set: CleanS
             save_mask_trigger(trig, tmp, name=f"class{trig.target}-{i}")
         client.log_artifacts(run_id, tmp, "triggers")
     client.log_image(run_id, triggers_png(shown, clean_set), artifact_file="plots/synthesized_triggers.png")
-
-
-def curve_png(curve: list[dict[str, Any]]):
-    """The pruning curve as a PIL image: validation clean accuracy and unlearning loss against filters pruned."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    x = [p.get("pruned", p.get("step")) for p in curve]
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, safe in threads and servers
-    ax = fig.add_subplot()
-    ax.plot(x, [p.get("val_clean_accuracy") for p in curve], "o-", color="tab:blue", label="val clean accuracy")
-    ax.set_xlabel("filters pruned")
-    ax.set_ylabel("validation clean accuracy", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(x, [p.get("val_unlearning_loss") for p in curve], "s--", color="tab:red", label="val unlearning loss")
-    ax2.set_ylabel("validation unlearning loss", color="tab:red")
-    ax.set_title("Grad-Prune pruning curve")
-    fig.tight_layout()
-    return _to_pil(fig)
-
-
-def triggers_png(triggers, clean_set: CleanSet | None = None):
-    """One row per synthesized trigger: its mask, its pattern, and (with a clean set) a clean image with it applied."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = 3 if clean_set is not None and len(clean_set) else 2
-    fig = Figure(figsize=(2.2 * cols, 2.2 * len(triggers)), dpi=100)
-    FigureCanvasAgg(fig)
-    for row, trig in enumerate(triggers):
-        panels = [("mask", trig.mask), ("pattern", trig.pattern)]
-        if cols == 3:
-            panels.append(("applied", trig.apply(clean_set.images[:1])[0]))
-        for col, (title, t) in enumerate(panels):
-            ax = fig.add_subplot(len(triggers), cols, row * cols + col + 1)
-            img = t.detach().cpu().float()
-            img = img.mean(0) if img.ndim == 3 and img.shape[0] != 3 else img
-            ax.imshow(img.permute(1, 2, 0).numpy() if img.ndim == 3 else img.numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"class {trig.target}: {title}", fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    return _to_pil(fig)
-
-
-def _to_pil(fig):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
 
 
 def _metrics(values: dict[str, Any], step: int = 0) -> list[Metric]:

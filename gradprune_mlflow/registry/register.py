@@ -21,6 +21,7 @@ from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.claim import Claim, holds
 from gradprune_mlflow.registry.pending import all_versions
 from gradprune_mlflow.registry.source import SourceModel
+from gradprune_mlflow.registry.summary import version_description
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "sanitized_model"  # the model's name inside the run
@@ -102,25 +103,6 @@ def _delete_quietly(client: MlflowClient, name: str, version: str) -> None:
         log.exception("could not delete half-registered version %s/%s; delete it by hand", name, version)
 
 
-def _pct(value: Any) -> str:
-    return f"{100 * value:.1f}%" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
-
-
 def describe(report: dict[str, Any], source_version: str, run_link: str) -> str:
     """The version description: where it came from, a before/after markdown table and how it was measured."""
-    rows = [("clean accuracy", "clean_accuracy"), ("attack success rate", "attack_success_rate"),
-            ("robust accuracy", "robust_accuracy")]
-    before, after = report.get("before") or {}, report.get("after") or {}
-    lines = [f"Sanitized by gradprune (Grad-Prune) from version {source_version}; run: [{run_link}]({run_link}).", "",
-             "| metric | before | after |", "|---|---:|---:|"]
-    lines += [f"| {label} | {_pct(before.get(key))} | {_pct(after.get(key))} |" for label, key in rows]
-    det = report.get("detection") or {}
-    trigger = report.get("trigger_source", "?")
-    if det:
-        index = det.get("anomaly_index")
-        index = f"{index:.2f}" if isinstance(index, int | float) else "?"
-        trigger += f" (class {det.get('target')} flagged, anomaly index {index})"
-    lines += ["", f"Trigger: {trigger}; attack measured with the {report.get('asr_measured_with', '?')} trigger; "
-                  f"evaluated on {report.get('evaluated_on', '?')}. Pruned {report.get('pruned_filters', '?')} of "
-                  f"{report.get('total_filters', '?')} filters ({report.get('mode', '?')} mode)."]
-    return "\n".join(lines)
+    return version_description(report, source_version, run_link)

@@ -1,0 +1,74 @@
+"""The before/after table in markdown, and the texts built on it: the run description (`mlflow.note.content`), the
+sanitized version's description and the Prefect flow run's artifact all show the same table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROWS = (("clean accuracy", "clean_accuracy"), ("attack success rate", "attack_success_rate"),
+        ("robust accuracy", "robust_accuracy"))
+
+
+def pct(value: Any) -> str:
+    """A fraction as a percentage with one decimal, or '-' when it is missing."""
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def before_after_table(report: dict[str, Any]) -> str:
+    """The markdown table of clean accuracy, attack success rate and robust accuracy, before and after."""
+    before, after = report.get("before") or {}, report.get("after") or {}
+    lines = ["| metric | before | after |", "|---|---:|---:|"]
+    lines += [f"| {label} | {pct(before.get(key))} | {pct(after.get(key))} |" for label, key in ROWS]
+    return "\n".join(lines)
+
+
+def how_measured(report: dict[str, Any]) -> str:
+    """One sentence: the trigger (and detection), what the attack was measured with, the data, the filters pruned."""
+    det = report.get("detection") or {}
+    trigger = str(report.get("trigger_source", "?"))
+    if det:
+        index = det.get("anomaly_index")
+        index = f"{index:.2f}" if isinstance(index, int | float) else "?"
+        flagged = "flagged" if det.get("flagged") else "not flagged, top candidate"
+        trigger += f" (class {det.get('target')} {flagged}, anomaly index {index})"
+    return (f"Trigger: {trigger}; attack measured with the {report.get('asr_measured_with', '?')} trigger; "
+            f"evaluated on {report.get('evaluated_on', '?')}. Pruned {report.get('pruned_filters', '?')} of "
+            f"{report.get('total_filters', '?')} filters ({report.get('mode', '?')} mode).")
+
+
+def version_description(report: dict[str, Any], source_version: str, run_link: str) -> str:
+    """The sanitized version's description: where it came from, the table, how it was measured."""
+    head = f"Sanitized by gradprune (Grad-Prune) from version {source_version}; run: [{run_link}]({run_link})."
+    return "\n".join([head, "", before_after_table(report), "", how_measured(report)])
+
+
+def run_description(report: dict[str, Any], model: str, version: str, *, validation_ok: bool | None = None,
+                    sanitized_version: str | None = None) -> str:
+    """The run's markdown description (`mlflow.note.content`): the table, how it was measured, where the full
+    report is, and the version it produced when there is one."""
+    lines = [f"**gradprune** sanitize run for `{model}` version {version}.", "", before_after_table(report), "",
+             how_measured(report)]
+    if validation_ok is not None:
+        lines.append(f"Clean set validation (Great Expectations): {'passed' if validation_ok else 'FAILED'}.")
+    if sanitized_version:
+        lines.append(f"Registered as version {sanitized_version} with the alias `sanitized`.")
+    elif report.get("sanitized") is False:
+        lines.append("No model was registered: no backdoor was flagged (on_clean=skip).")
+    lines += ["", "Full report with figures: artifact `report.html`; raw numbers: `report.json`."]
+    return "\n".join(lines)
+
+
+def outcome_markdown(outcome: dict[str, Any]) -> str:
+    """A version's outcome (the scan's row) as markdown: status, the table and the run link."""
+    title = f"## gradprune: {outcome['model']} version {outcome['version']}: {outcome['status']}"
+    lines = [title, ""]
+    if outcome.get("sanitized_version"):
+        lines += [f"Sanitized version: {outcome['sanitized_version']} (alias `sanitized`).", ""]
+    if outcome.get("reason"):
+        lines += [f"Reason: {outcome['reason']}", ""]
+    if outcome.get("before"):
+        lines += [before_after_table({"before": outcome.get("before"), "after": outcome.get("after")}), ""]
+    if outcome.get("run_url"):
+        lines.append(f"MLflow run: [{outcome['run_url']}]({outcome['run_url']})")
+    return "\n".join(lines).rstrip() + "\n"
