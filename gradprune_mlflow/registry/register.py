@@ -95,6 +95,13 @@ def move_alias(client: MlflowClient, name: str) -> str:
     return newest
 
 
+def find_sanitized(client: MlflowClient, name: str, source_version: str) -> Any | None:
+    """The newest sanitized version of `name` made from `source_version` (a ModelVersion), or None."""
+    made = [v for v in all_versions(client, name) if (v.tags or {}).get(T.ROLE) == T.ROLE_SANITIZED
+            and (v.tags or {}).get(T.SOURCE_VERSION) == str(source_version)]
+    return max(made, key=lambda v: int(v.version), default=None)
+
+
 def _delete_quietly(client: MlflowClient, name: str, version: str) -> None:
     try:
         client.delete_model_version(name, version)
