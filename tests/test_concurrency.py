@@ -95,16 +95,17 @@ def test_two_scan_processes_sanitize_each_of_ten_versions_exactly_once(env):
 def test_a_worker_killed_mid_run_is_finished_by_the_next_scan(env):
     client = env["client"]
     (version,) = _register(env, "killed-cnn", 1)
-    lease = 6.0
-    # Full-length fine-tuning keeps the worker busy long enough to be killed in the middle of the defense.
-    proc = _scan_process("killed-cnn", {}, env["work"] / "killed.log", GRADPRUNE_LEASE_SECONDS=str(lease))
-    leases = set()
+    # Long fine-tuning keeps the worker busy until it is killed in the middle of the defense.
+    long_run = {"finetune_epochs": 500, "finetune_patience": 500}
+    proc = _scan_process("killed-cnn", long_run, env["work"] / "killed.log", GRADPRUNE_LEASE_SECONDS="15")
+    leases, dead = set(), None
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             tags = client.get_model_version("killed-cnn", version).tags
             if tags.get(T.STATUS) == T.RUNNING:
                 leases.add(tags[T.LEASE_UNTIL])
+                dead = tags[T.CLAIM_ID]
                 if len(leases) >= 2 and _defense_started(client, "killed-cnn", version):
                     break
             time.sleep(0.2)
@@ -115,14 +116,14 @@ def test_a_worker_killed_mid_run_is_finished_by_the_next_scan(env):
         stop_process_group(proc)
     assert len(leases) >= 2, "the lease was never renewed while the worker ran"
     tags = client.get_model_version("killed-cnn", version).tags
-    assert tags[T.STATUS] == T.RUNNING and _sources_of_sanitized(client, "killed-cnn") == []
-    assert scan_registry(model="killed-cnn", config=TINY) == []  # the dead worker's lease still holds
-    time.sleep(max(0.0, float(tags[T.LEASE_UNTIL]) - time.time()) + 0.5)
+    assert tags[T.STATUS] == T.RUNNING and tags[T.CLAIM_ID] == dead
+    assert _sources_of_sanitized(client, "killed-cnn") == []
+    time.sleep(max(0.0, float(tags[T.LEASE_UNTIL]) - time.time()) + 0.5)  # nobody renews it now
     (outcome,) = scan_registry(model="killed-cnn", config=TINY)
     assert outcome["status"] == T.SANITIZED, outcome["reason"]
     assert _sources_of_sanitized(client, "killed-cnn") == [version]
     tags = client.get_model_version("killed-cnn", version).tags
-    assert tags[T.STATUS] == T.SANITIZED and tags[T.CLAIM_ID] != next(iter(leases))
+    assert tags[T.STATUS] == T.SANITIZED and tags[T.CLAIM_ID] != dead and T.LEASE_UNTIL not in tags
 
 
 def _defense_started(client, name: str, version: str) -> bool:
