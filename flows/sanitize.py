@@ -175,11 +175,13 @@ def sanitize_model_version(
     delays = fetch_retry_delays()
     fetch = fetch_clean_data.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
     run_id = None
-    with steps.keep_lease(held):
-        try:
-            adopted = adopt_sanitized_version(job, held)
-            if adopted is not None:
-                return adopted
+    try:
+        adopted = adopt_sanitized_version(job, held)
+        if adopted is not None:
+            return adopted
+        # The lease is renewed while the work runs, and no longer once the final status is being written (a renewal
+        # landing after it would put a lease back on a finished version).
+        with steps.keep_lease(held):
             run_id = start_sanitize_run(job, held, cfg)
             folder = fetch(job.clean_data)
             validate_clean_data(folder, job.clean_data, run_id, min_per_class)
@@ -188,6 +190,6 @@ def sanitize_model_version(
             result = sanitize_model(source, inputs, cfg)
             log_sanitize_result(run_id, result, inputs)
             new = register_sanitized_model(held, run_id, result, source, inputs) if result.model is not None else None
-            return finish_version(job, held, run_id, result, new)
-        except Exception as exc:
-            return record_failure(job, held, run_id, exc)
+        return finish_version(job, held, run_id, result, new)
+    except Exception as exc:
+        return record_failure(job, held, run_id, exc)

@@ -139,7 +139,7 @@ def finish(client: MlflowClient, claim: Claim, status: str, reason: str | None =
     """Write the final status of a claimed version (plus `extra` tags, and the reason for any non-success status).
 
     The status goes last, so a reader that sees it also sees the tags it refers to. The lease is removed; the claim
-    id stays, as a record of who did the work.
+    id stays, as a record of who did the work. Finishing again with the same values changes nothing.
     """
     if status not in T.STATUSES or status == T.RUNNING:
         raise ValueError(f"final status must be one of {T.STATUSES[1:]}, got {status!r}")
@@ -148,7 +148,11 @@ def finish(client: MlflowClient, claim: Claim, status: str, reason: str | None =
     if reason:
         set_tag(client, claim.name, claim.version, T.REASON, one_line(reason)[: T.MAX_REASON])
     set_tag(client, claim.name, claim.version, T.STATUS, status)
-    client.delete_model_version_tag(claim.name, claim.version, T.LEASE_UNTIL)
+    try:
+        client.delete_model_version_tag(claim.name, claim.version, T.LEASE_UNTIL)
+    except MlflowException as exc:  # finishing twice is fine: the lease is gone already
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def set_tag(client: MlflowClient, name: str, version: str, key: str, value: str, attempts: int = 5) -> None:
