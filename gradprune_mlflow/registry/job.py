@@ -218,7 +218,9 @@ def fail(job: PendingVersion, held: Claim, run_id: str | None, exc: BaseExceptio
     worker, whose tags we must not touch), and the run marked FAILED."""
     client = client or MlflowClient()
     status, reason = status_for(exc), reason_for(exc)
-    adopted = None if isinstance(exc, ClaimLost) else adopt(job, held, client)
+    # Only an unexpected error can come after registering (bad inputs and unsafe models stop the flow long before),
+    # so only then can a registered result stand; checking costs a registry search.
+    adopted = adopt(job, held, client) if status == T.FAILED and not isinstance(exc, ClaimLost) else None
     if adopted is not None:  # the failure came after our result was registered: it stands
         if run_id:
             runlog.end_run(client, run_id, ok=adopted.run_id == run_id)
