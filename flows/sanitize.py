@@ -176,7 +176,7 @@ def sanitize_model_version(
     fetch = fetch_clean_data.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
     run_id = None
     try:
-        adopted = adopt_sanitized_version(job, held)
+        adopted = adopt_sanitized_version(job, held) if held.previous_claim else None
         if adopted is not None:
             return adopted
         # The lease is renewed while the work runs, and no longer once the final status is being written (a renewal

@@ -133,6 +133,7 @@ def _defense_started(client, name: str, version: str) -> bool:
     return any("clean_data_manifest_sha256" in r.data.params for r in runs)
 
 
+@pytest.mark.load
 def test_two_hundred_versions_each_end_with_a_final_status(env):
     """Load: 200 versions in one pass. They end at a cheap final status (their clean set is not on S3: `rejected`)
     so that the test measures the registry path, not the sanitizer; benchmarks/registry_overhead.py times it."""

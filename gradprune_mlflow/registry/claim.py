@@ -52,6 +52,9 @@ class Claim:
     claim_id: str
     lease_until: float
     lease_seconds: float = 2 * 3600.0
+    # The claim id a worker before us left on the version (its lease ran out, or it was retried), else None: only
+    # then can a result of an earlier run exist.
+    previous_claim: str | None = None
 
 
 def new_claim_id() -> str:
@@ -75,9 +78,10 @@ def claim_version(
     version = str(version)
     lease = lease_seconds_default() if lease_seconds is None else lease_seconds
     settle = settle_seconds_default() if settle_seconds is None else settle_seconds
-    if not is_pending(_tags(client, name, version)):
+    before = _tags(client, name, version)
+    if not is_pending(before):
         return None
-    claim = Claim(name, version, new_claim_id(), time.time() + lease, lease)
+    claim = Claim(name, version, new_claim_id(), time.time() + lease, lease, before.get(T.CLAIM_ID))
     # Lease first and status last: whoever sees `running` also finds a lease, so a crash between the writes
     # never leaves a version that is running forever.
     set_tag(client, name, version, T.LEASE_UNTIL, f"{claim.lease_until:.3f}")

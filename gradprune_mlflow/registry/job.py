@@ -241,13 +241,15 @@ def fail(job: PendingVersion, held: Claim, run_id: str | None, exc: BaseExceptio
 
 
 def retry_failed(client: MlflowClient | None = None, model: str | None = None) -> list[str]:
-    """Make `failed` versions pending again (delete their status, reason and claim tags); returns 'name/version's."""
+    """Make `failed` versions pending again (delete their status, reason and lease tags); returns 'name/version's."""
     client = client or MlflowClient()
     reset = []
     for rm in registered_models(client, model):
         for v in all_versions(client, rm.name):
             if (v.tags or {}).get(T.STATUS) == T.FAILED:
-                for key in (T.REASON, T.CLAIM_ID, T.LEASE_UNTIL, T.STATUS):  # status last: pending only when clean
+                # Status last: pending only when clean. The claim id stays: the next claim sees that an earlier run
+                # may have left a registered result, and adopts it rather than sanitizing twice.
+                for key in (T.REASON, T.LEASE_UNTIL, T.STATUS):
                     if key in v.tags:
                         client.delete_model_version_tag(rm.name, v.version, key)
                 reset.append(f"{rm.name}/{v.version}")
