@@ -7,6 +7,7 @@ sanitization per GPU across all workers.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -17,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.expectations import Checks
 from gradprune_mlflow.data.s3 import S3Unavailable
+from gradprune_mlflow.errors import BadInput
 from gradprune_mlflow.registry import job as steps
 from gradprune_mlflow.registry.summary import outcome_markdown
 
@@ -52,12 +54,31 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
+def fetch_retry_delays() -> list[float]:
+    """Seconds between the clean-set fetch's retries: `GRADPRUNE_FETCH_RETRY_DELAYS` (comma-separated), else 2,10,30.
+    One retry per number."""
+    raw = os.environ.get("GRADPRUNE_FETCH_RETRY_DELAYS") or "2,10,30"
+    try:
+        return [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"GRADPRUNE_FETCH_RETRY_DELAYS must be comma-separated seconds, got {raw!r}") from None
+
+
 @task(**_IN_MEMORY)
 def claim_model_version(name: str, version: str, lease_seconds: float | None = None):
     """Claim the version; returns (job, claim) or None when it is not pending or another worker won it."""
     claimed = steps.claim(name, version, lease_seconds=lease_seconds)
     get_run_logger().info("%s v%s: %s", name, version, "claimed" if claimed else "not pending or taken; skipping")
     return claimed
+
+
+@task(**_IN_MEMORY)
+def adopt_sanitized_version(job, held) -> dict[str, Any] | None:
+    """Finish the version from a sanitized version an earlier run registered; returns the outcome, or None."""
+    outcome = steps.adopt(job, held)
+    if outcome is not None:
+        get_run_logger().info("%s v%s: %s", job.name, job.version, outcome.reason)
+    return outcome.to_dict() if outcome else None
 
 
 @task(**_IN_MEMORY)
@@ -170,20 +191,32 @@ def sanitize_model_version(
     class. Returns the outcome (the scan table's row) as a dict; every claimed version ends with a final status.
     """
     cfg = SanitizeConfig().with_overrides(**(config or {}))
-    claimed = claim_model_version(name, str(version))
+    try:
+        claimed = claim_model_version(name, str(version))
+    except BadInput as exc:  # no such model or version: nothing to tag, so the outcome carries the reason
+        return steps.Outcome(name, str(version), "rejected", exc.message).to_dict()
     if claimed is None:
         return steps.Outcome(name, str(version), "skipped", "not pending, or claimed by another worker").to_dict()
     job, held = claimed
+    delays = fetch_retry_delays()
+    fetch = fetch_clean_data.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
     run_id = None
     try:
-        run_id = start_sanitize_run(job, held, cfg)
-        folder = fetch_clean_data(job.clean_data)
-        validation = validate_clean_data(folder, job.clean_data, run_id, min_per_class)
-        source = load_model_version(job.name, job.version)
-        inputs = load_inputs(job, folder, run_id)
-        result = sanitize_model(source, inputs, cfg)
-        log_sanitize_result(run_id, result, inputs, job, validation)
-        new = register_sanitized_model(held, run_id, result, source, inputs) if result.model is not None else None
+        adopted = adopt_sanitized_version(job, held) if held.previous_claim else None
+        if adopted is not None:
+            publish_outcome(adopted)
+            return adopted
+        # The lease is renewed while the work runs, and no longer once the final status is being written (a renewal
+        # landing after it would put a lease back on a finished version).
+        with steps.keep_lease(held):
+            run_id = start_sanitize_run(job, held, cfg)
+            folder = fetch(job.clean_data)
+            validation = validate_clean_data(folder, job.clean_data, run_id, min_per_class)
+            source = load_model_version(job.name, job.version)
+            inputs = load_inputs(job, folder, run_id)
+            result = sanitize_model(source, inputs, cfg)
+            log_sanitize_result(run_id, result, inputs, job, validation)
+            new = register_sanitized_model(held, run_id, result, source, inputs) if result.model is not None else None
         outcome = finish_version(job, held, run_id, result, new)
     except Exception as exc:
         outcome = record_failure(job, held, run_id, exc)

@@ -108,3 +108,12 @@ def clean_set_dir(tmp_path_factory) -> Path:
 def clean_set(clean_set_dir):
     """The clean set of clean_set_dir, loaded and verified."""
     return load_clean_set(clean_set_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary API server and database), shared by every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

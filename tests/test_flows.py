@@ -12,8 +12,7 @@ import json
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
-from registry_helpers import register_pyfunc_version, register_unsafe_version
+from registry_helpers import register_pyfunc_version, register_unsafe_version, snapshot
 from services import registry_stack
 from typer.testing import CliRunner
 
@@ -39,12 +38,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CONFIG = {"finetune_epochs": 3, "synth_steps": 50}
 SHAPE = (1, 28, 28)
 GOOD = "fashion-cnn"
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +73,6 @@ def registry(tmp_path_factory, prefect_harness, clean_set_dir, badnets_cnn):
 @pytest.fixture(scope="module")
 def first_scan(registry):
     return {(o["model"], o["version"]): o for o in scan_registry(config=CONFIG)}
-
-
-def _snapshot(client):
-    out = {}
-    for rm in client.search_registered_models():
-        out[rm.name] = (dict(rm.aliases), {str(v.version): dict(v.tags)
-                                           for v in client.search_model_versions(f"name='{rm.name}'")})
-    return out
 
 
 def test_one_scan_handles_every_pending_version(first_scan, registry):
@@ -138,9 +123,9 @@ def test_bad_clean_data_is_rejected_with_nothing_registered(first_scan, registry
 
 
 def test_a_second_scan_changes_nothing(first_scan, registry):
-    before = _snapshot(registry["client"])
+    before = snapshot(registry["client"])
     assert scan_registry(config=CONFIG) == []
-    assert _snapshot(registry["client"]) == before
+    assert snapshot(registry["client"]) == before
 
 
 def test_a_sanitized_version_is_never_scanned_again(first_scan, registry):

@@ -292,3 +292,43 @@ def test_the_library_imports_no_prefect():
             "gradprune_mlflow.data.pack, gradprune_mlflow.cli; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows')], 'prefect imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _wait_for(condition, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_the_lease_is_renewed_while_held_and_renewal_stops_once_lost(client):
+    (version,) = _register("lease-model")
+    set_model_inputs(client, "lease-model", clean_data="s3://x/y")
+    held = claims.claim_version(client, "lease-model", version, lease_seconds=60, settle_seconds=0)
+    first = float(_tags(client, "lease-model", version)[T.LEASE_UNTIL])
+    with claims.LeaseKeeper(client, held, every=0.2) as keeper:
+        _wait_for(lambda: keeper.renewals >= 2)
+        assert float(_tags(client, "lease-model", version)[T.LEASE_UNTIL]) > first
+        client.set_model_version_tag("lease-model", version, T.CLAIM_ID, "someone-else")
+        _wait_for(lambda: not keeper._thread.is_alive())
+        renewals = keeper.renewals
+    assert keeper.renewals == renewals and not claims.holds(client, held)
+
+
+def test_a_source_whose_sanitized_version_exists_is_finished_from_it_not_sanitized_again(client):
+    source, made = _register("adopt-model", 2)
+    set_model_inputs(client, "adopt-model", clean_data="s3://x/y")
+    pending, held = job.claim("adopt-model", source)
+    run_id = job.start(pending, held, SanitizeConfig())
+    # What a worker leaves when it dies between registering and writing the final status.
+    for key, value in {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: source, T.RUN_ID: run_id}.items():
+        client.set_model_version_tag("adopt-model", made, key, value)
+    client.set_model_version_tag("adopt-model", source, T.LEASE_UNTIL, str(time.time() - 1))  # it expired
+    pending, held = job.claim("adopt-model", source)
+    outcome = job.adopt(pending, held)
+    assert (outcome.status, outcome.sanitized_version, outcome.run_id) == (T.SANITIZED, made, run_id)
+    tags = _tags(client, "adopt-model", source)
+    assert (tags[T.STATUS], tags[T.SANITIZED_VERSION], tags[T.RUN_ID]) == (T.SANITIZED, made, run_id)
+    assert client.get_registered_model("adopt-model").aliases == {T.ALIAS: made}
+    assert job.adopt(pending, held) is not None  # idempotent: finishing again changes nothing
+    assert _tags(client, "adopt-model", source) == tags

@@ -225,6 +225,7 @@ def _download(client, loc: S3Location, target: Path, rows, meta_bytes: bytes, ma
     target.parent.mkdir(parents=True, exist_ok=True)
     work = target.parent / f".partial-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
+        work.mkdir()  # also for a manifest without rows: validation, not a missing folder, must say what is wrong
         def fetch(row: dict[str, str]) -> None:
             data = _get(client, loc, row["path"])
             if sha256_bytes(data) != (row.get("sha256") or "").lower():

@@ -5,6 +5,9 @@
 
 Every version ends with a final status, also when a step fails (`fail`): the error's own status (rejected, unsafe,
 unsupported) or `failed`, and its one-line message as `gradprune.reason`.
+
+Finishing is idempotent: a source whose sanitized version already exists (its worker died, or its last status write
+failed, after registering) is finished from that version (`adopt`) instead of being sanitized a second time.
 """
 
 from __future__ import annotations
@@ -24,11 +27,17 @@ from gradprune_mlflow.errors import GradpruneError
 from gradprune_mlflow.registry import log as runlog
 from gradprune_mlflow.registry import review
 from gradprune_mlflow.registry import tags as T
-from gradprune_mlflow.registry.claim import Claim, claim_version, finish, one_line
+from gradprune_mlflow.registry.claim import Claim, LeaseKeeper, claim_version, finish, one_line
 from gradprune_mlflow.registry.inputs import check_inputs, load_data_uri, load_trigger_uri
 from gradprune_mlflow.registry.pending import PendingVersion, all_versions, pending_version, registered_models
-from gradprune_mlflow.registry.register import ClaimLost, log_sanitized_model, register_sanitized
-from gradprune_mlflow.registry.source import SourceModel, load_source
+from gradprune_mlflow.registry.register import (
+    ClaimLost,
+    find_sanitized,
+    log_sanitized_model,
+    move_alias,
+    register_sanitized,
+)
+from gradprune_mlflow.registry.source import SourceModel, check_input_shape, load_source
 
 
 @dataclass
@@ -82,6 +91,39 @@ def claim(name: str, version: str, *, lease_seconds: float | None = None,
     return (job, held) if held else None
 
 
+def keep_lease(held: Claim, client: MlflowClient | None = None) -> LeaseKeeper:
+    """A context manager that renews `held`'s lease while the block runs (see claim.LeaseKeeper)."""
+    return LeaseKeeper(client or MlflowClient(), held)
+
+
+def adopt(job: PendingVersion, held: Claim, client: MlflowClient | None = None) -> Outcome | None:
+    """Finish a claimed source whose sanitized version already exists: point the alias at the newest sanitized
+    version, write `sanitized` with that version and its run. Returns the Outcome, or None when there is none.
+
+    This closes the gap between registering and the final status write: a worker killed there, or a status write
+    that failed, leaves a registered result that the next scan finishes instead of sanitizing again.
+    """
+    client = client or MlflowClient()
+    made = find_sanitized(client, held.name, held.version)
+    if made is None:
+        return None
+    run_id = (made.tags or {}).get(T.RUN_ID) or ""
+    move_alias(client, held.name)
+    extra = {"sanitized_version": str(made.version)} | ({"run_id": run_id} if run_id else {})
+    finish(client, held, T.SANITIZED, None, **extra)
+    sides: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
+    url = None
+    if run_id:
+        metrics = client.get_run(run_id).data.metrics
+        for key, value in metrics.items():
+            metric, _, side = key.partition("/")
+            if side in sides and metric in runlog.REPORT_METRICS:
+                sides[side][metric] = value
+        url = runlog.run_url(client, run_id)
+    return Outcome(job.name, job.version, T.SANITIZED, f"finished from sanitized version {made.version}, registered "
+                   "by an earlier run", run_id or None, url, str(made.version), sides["before"], sides["after"])
+
+
 def start(job: PendingVersion, held: Claim, config: SanitizeConfig, client: MlflowClient | None = None) -> str:
     """Create the version's run in the experiment `gradprune`; returns its id."""
     return runlog.start_run(client or MlflowClient(), job, config, held.claim_id)
@@ -130,9 +172,11 @@ def load_inputs(job: PendingVersion, folder: str, run_id: str | None = None, cac
 
 
 def run_defense(source: SourceModel, inputs: Inputs, config: SanitizeConfig, progress=None):
-    """Sanitize the source model; returns the SanitizeResult."""
+    """Sanitize the source model; returns the SanitizeResult. Raises DataError when the clean set's input_shape
+    disagrees with the model's signature, and the sanitizer's errors."""
     import gradprune_mlflow
 
+    check_input_shape(source, inputs.clean_set.meta.input_shape)
     return gradprune_mlflow.sanitize(source.model, inputs.clean_set, inputs.trigger, config,
                                      eval_trigger=inputs.eval_trigger, test_set=inputs.test_set, progress=progress)
 
@@ -187,6 +231,13 @@ def fail(job: PendingVersion, held: Claim, run_id: str | None, exc: BaseExceptio
     worker, whose tags we must not touch), and the run marked FAILED."""
     client = client or MlflowClient()
     status, reason = status_for(exc), reason_for(exc)
+    # Only an unexpected error can come after registering (bad inputs and unsafe models stop the flow long before),
+    # so only then can a registered result stand; checking costs a registry search.
+    adopted = adopt(job, held, client) if status == T.FAILED and not isinstance(exc, ClaimLost) else None
+    if adopted is not None:  # the failure came after our result was registered: it stands
+        if run_id:
+            runlog.end_run(client, run_id, ok=adopted.run_id == run_id)
+        return adopted
     if isinstance(exc, ClaimLost):
         status = "lost"
     elif status == T.FAILED:
@@ -203,13 +254,15 @@ def fail(job: PendingVersion, held: Claim, run_id: str | None, exc: BaseExceptio
 
 
 def retry_failed(client: MlflowClient | None = None, model: str | None = None) -> list[str]:
-    """Make `failed` versions pending again (delete their status, reason and claim tags); returns 'name/version's."""
+    """Make `failed` versions pending again (delete their status, reason and lease tags); returns 'name/version's."""
     client = client or MlflowClient()
     reset = []
     for rm in registered_models(client, model):
         for v in all_versions(client, rm.name):
             if (v.tags or {}).get(T.STATUS) == T.FAILED:
-                for key in (T.REASON, T.CLAIM_ID, T.LEASE_UNTIL, T.STATUS):  # status last: pending only when clean
+                # Status last: pending only when clean. The claim id stays: the next claim sees that an earlier run
+                # may have left a registered result, and adopts it rather than sanitizing twice.
+                for key in (T.REASON, T.LEASE_UNTIL, T.STATUS):
                     if key in v.tags:
                         client.delete_model_version_tag(rm.name, v.version, key)
                 reset.append(f"{rm.name}/{v.version}")

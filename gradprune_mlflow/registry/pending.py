@@ -140,16 +140,23 @@ def _all_models(client: MlflowClient) -> list:
             return out
 
 
-def all_versions(client: MlflowClient, name: str) -> list:
-    """Every version of registered model `name`, all pages."""
-    quoted = f'"{name}"' if "'" in name else f"'{name}'"
+def all_versions(client: MlflowClient, name: str, tags: dict[str, str] | None = None) -> list:
+    """Every version of registered model `name` (only those carrying all of `tags`, when given), all pages.
+
+    The tag filter runs in the registry, so finding one version among hundreds does not fetch them all.
+    """
+    where = f"name={_quote(name)}" + "".join(f" AND tags.`{k}` = {_quote(v)}" for k, v in (tags or {}).items())
     out, token = [], None
     while True:
-        page = client.search_model_versions(f"name={quoted}", max_results=_PAGE, page_token=token)
+        page = client.search_model_versions(where, max_results=_PAGE, page_token=token)
         out += list(page)
         token = page.token
         if not token:
             return out
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def _number(version) -> int:

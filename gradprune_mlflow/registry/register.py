@@ -90,10 +90,16 @@ def move_alias(client: MlflowClient, name: str) -> str:
     Computing the newest each time, rather than taking ours, keeps concurrent registrations from moving the alias
     backwards.
     """
-    versions = [v for v in all_versions(client, name) if (v.tags or {}).get(T.ROLE) == T.ROLE_SANITIZED]
+    versions = all_versions(client, name, {T.ROLE: T.ROLE_SANITIZED})
     newest = str(max(int(v.version) for v in versions))
     client.set_registered_model_alias(name, T.ALIAS, newest)
     return newest
+
+
+def find_sanitized(client: MlflowClient, name: str, source_version: str) -> Any | None:
+    """The newest sanitized version of `name` made from `source_version` (a ModelVersion), or None."""
+    made = all_versions(client, name, {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: str(source_version)})
+    return max(made, key=lambda v: int(v.version), default=None)
 
 
 def _delete_quietly(client: MlflowClient, name: str, version: str) -> None:

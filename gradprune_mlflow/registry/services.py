@@ -75,8 +75,11 @@ def mlflow_server(
     artifacts_destination: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 90.0,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """Run `mlflow server` (sqlite in `workdir`/mlflow.db) on a free loopback port; yields its URL.
+    """Run `mlflow server` (sqlite in `workdir`/mlflow.db) on loopback `port` (default: a free one); yields its URL.
+
+    Starting it again on the same `workdir` and port is a server restart: the data and the URL stay.
 
     Artifacts are proxied by the server to `artifacts_destination` (default `workdir`/mlartifacts; may be s3://...
     with the S3 settings in `env`), so clients need only the tracking URI. The server's log is `workdir`/mlflow.log.
@@ -84,7 +87,7 @@ def mlflow_server(
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://{HOST}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",

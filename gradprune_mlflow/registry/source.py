@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -49,6 +50,24 @@ def load_source(name: str, version: str) -> SourceModel:
         return SourceModel(model, meta.signature, _requirements(local))
 
 
+def check_input_shape(source: SourceModel, input_shape) -> None:
+    """Raise DataError when the model's MLflow signature names an input shape other than dataset.json's `input_shape`.
+
+    A model with adaptive pooling accepts any image size, so the forward-pass check in the sanitizer cannot see that
+    the clean set was packed for another model; the signature the model was logged with can. No signature (or one
+    that is not a single image tensor) means nothing to compare.
+    """
+    inputs = getattr(getattr(source, "signature", None), "inputs", None)
+    specs = inputs.inputs if inputs is not None and getattr(inputs, "is_tensor_spec", lambda: False)() else []
+    if len(specs) != 1 or len(specs[0].shape) != 4:
+        return
+    expected = [int(d) for d in specs[0].shape[1:]]
+    given = [int(d) for d in input_shape]
+    if any(e not in (-1, g) for e, g in zip(expected, given, strict=True)):
+        raise DataError(f"dataset.json input_shape {given} disagrees with the model's signature input "
+                        f"{[-1, *expected]}; pack the clean set for this model's input (channels, height, width)")
+
+
 def register_source_model(
     model: nn.Module,
     name: str,
@@ -60,12 +79,21 @@ def register_source_model(
     """Log `model` with the pytorch flavor (pickle format, signature from a forward pass) and register it as a new
     version of `name` (created when missing). Returns the version. Used by the demo and the tests; any
     mlflow.pytorch model registered by other means works the same."""
+    info = log_source_model(model, input_shape=input_shape, experiment=experiment, run_name=f"register-{name}")
+    return register_logged_model(info, name, description=description)[0]
+
+
+def log_source_model(model: nn.Module, *, input_shape: tuple[int, int, int] | list[int],
+                     experiment: str | None = None, run_name: str = "source-model") -> Any:
+    """Log `model` in a new run (pytorch flavor, pickle format, signature from a forward pass); returns ModelInfo."""
     import pickle
 
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
+
+    from gradprune_mlflow.models.io import quiet
 
     model = model.cpu().eval()
     example = torch.zeros(1, *map(int, input_shape))
@@ -75,18 +103,27 @@ def register_source_model(
     exp = client.get_experiment_by_name(experiment) if experiment else None
     exp_id = exp.experiment_id if exp else (client.create_experiment(experiment) if experiment else None)
     requirements = mlflow.pytorch.get_default_pip_requirements()
-    from gradprune_mlflow.models.io import quiet
-
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}") as run, quiet("mlflow.pytorch"):
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pickle_module=pickle,
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name), quiet("mlflow.pytorch"):
+        return mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pickle_module=pickle,
                                         signature=signature, pip_requirements=requirements)
+
+
+def register_logged_model(info: Any, name: str, *, count: int = 1, description: str | None = None) -> list[str]:
+    """Register `count` new versions of `name` (created when missing) pointing at the logged model `info`.
+
+    One registry call per version and no upload, so tests and benchmarks can have hundreds of real versions.
+    Returns the new version numbers.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
     try:
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException:
         pass  # it exists
-    mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, description=description,
-                                     model_id=info.model_id)
-    return str(mv.version)
+    return [str(client.create_model_version(name, source=info.model_uri, run_id=info.run_id,
+                                            description=description, model_id=info.model_id).version)
+            for _ in range(count)]
 
 
 def _download(uri: str, dst: str) -> Path:
