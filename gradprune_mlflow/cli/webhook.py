@@ -44,7 +44,7 @@ def serve_command(
 
     from flows.events import emit_model_version_created
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_deliveries()
     typer.echo(f"gradprune webhook receiver on http://{host}:{port}/webhook")
     uvicorn.run(create_app(secret, emit_model_version_created), host=host, port=port, log_level="info")
 
@@ -74,6 +74,17 @@ def register_command(
         raise BadInput(f"MLflow refused the webhook: {exc.message}; {SERVER_SETTINGS_HINT}") from None
     typer.echo(f"webhook {hook.name} ({hook.webhook_id}) {'updated' if existing else 'created'}: "
                f"{MLFLOW_EVENT} -> {hook.url}")
+
+
+def _log_deliveries() -> None:
+    """One line per delivery on stderr. Importing MLflow and Prefect configures the root logger already (at
+    WARNING), so the receiver's logger gets a handler of its own."""
+    logger = logging.getLogger("gradprune.webhook")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _all_webhooks(client) -> list:
