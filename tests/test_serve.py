@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -177,8 +178,12 @@ def test_with_the_receiver_down_the_reconciler_sanitizes_the_version(stack, badn
     assert client.get_registered_model(MODEL).aliases == {T.ALIAS: new}
     runs = flow_runs_for(api, source)
     assert [r["idempotency_key"] for r in runs] == [f"{MODEL}:{source}"]  # the reconciler's, and only one
-    # Later reconciler passes found nothing pending: no second sanitized version of the same source.
-    time.sleep(SCAN_INTERVAL + 5)
+    # A reconciler pass that started after the version was done finds nothing: no second sanitized version.
+    done_at = datetime.now(UTC)
+    wait_for(lambda: [r for r in prefect_post(api, "/flow_runs/filter", {"limit": 200})
+                      if r["parameters"].get("dispatch") and r["state_type"] == "COMPLETED"
+                      and datetime.fromisoformat(r["start_time"]) > done_at],
+             "a reconciler pass after the version was sanitized", logs, timeout=300)
     made = [v for v in client.search_model_versions(f"name='{MODEL}'")
             if v.tags.get(T.SOURCE_VERSION) == source]
-    assert len(made) == 1
+    assert len(made) == 1 and len(flow_runs_for(api, source)) == 1
