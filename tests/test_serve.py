@@ -49,6 +49,7 @@ SECRET = "served-webhook-secret"
 SCAN_INTERVAL = 20
 # Known trigger, 30 clean images per class, few pruning steps and short fine-tuning keep each sanitization to
 # seconds on two cores: this test is about the plumbing; tests/test_flows.py checks what sanitizing achieves.
+# `gradprune serve --limit 1` keeps the reconciler's passes (a Python process each) from starving a sanitization.
 SETTINGS = ["--set", "finetune_epochs=2", "--set", "max_prune_fraction=0.1", "--set", "step_fraction=0.05"]
 # What an MLflow server needs to deliver webhooks to a loopback http receiver (README: "Run it on a cluster").
 WEBHOOK_SERVER_ENV = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
@@ -138,7 +139,7 @@ def stack(tmp_path_factory):
             return {"gradprune-sanitize", "gradprune-reconcile"} <= names and len(automations) == 1
 
         es.enter_context(background_service(
-            [str(BIN / "gradprune"), "serve", "--scan-interval", str(SCAN_INTERVAL), *SETTINGS],
+            [str(BIN / "gradprune"), "serve", "--scan-interval", str(SCAN_INTERVAL), "--limit", "1", *SETTINGS],
             ready=served, log_path=work / "serve.log", env=env, timeout=300, what="gradprune serve"))
         client = MlflowClient()
         client.create_registered_model(MODEL)
