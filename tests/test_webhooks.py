@@ -7,9 +7,13 @@ through MLflow's real delivery code to the receiver running under uvicorn on loo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -215,6 +219,14 @@ def test_cli_refuses_to_start_without_a_secret_or_a_prefect_api(monkeypatch):
     assert result.exit_code == 2 and "unknown setting(s) ['bogus']" in result.output
     result = CliRunner().invoke(cli, ["serve"])
     assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
+    # Prefect reads its settings once per process: a new process sees the URL.
+    nobody = f"http://127.0.0.1:{free_port()}/api"
+    gradprune = Path(sys.executable).parent / "gradprune"
+    result = subprocess.run([str(gradprune), "serve"], env={**os.environ, "PREFECT_API_URL": nobody},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: cannot reach the Prefect API at {nobody} (ConnectError); start it (`prefect server start`) or "
+        "fix PREFECT_API_URL"]
 
 
 def test_cli_register_creates_then_updates_the_webhook_and_explains_a_refusal(monkeypatch, tmp_path):

@@ -9,10 +9,23 @@ from typing import Annotated, Literal
 
 import typer
 
+from gradprune_mlflow.errors import BadInput
+
 
 def register(app: typer.Typer) -> None:
     """Add `serve` to the app."""
     app.command("serve")(serve_command)
+
+
+def require_reachable(api_url: str) -> None:
+    """Raise BadInput unless the Prefect API at `api_url` answers its health check (serving needs it from the start)."""
+    import httpx
+
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=30).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise BadInput(f"cannot reach the Prefect API at {api_url} ({type(exc).__name__}); start it "
+                       "(`prefect server start`) or fix PREFECT_API_URL") from None
 
 
 def serve_command(
@@ -36,7 +49,7 @@ def serve_command(
     chosen = {"mode": mode, "device": device}
     overrides = {**parse_settings(settings), **{k: v for k, v in chosen.items() if v is not None}}
     SanitizeConfig().with_overrides(**overrides)  # bad settings fail here, before anything is registered
-    require_prefect_api()
+    require_reachable(require_prefect_api())
     quiet_output()
     from flows.deployments import serve_deployments
 
