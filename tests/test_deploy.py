@@ -87,7 +87,14 @@ def test_every_prefect_command_exists():
     prefect = Path(sys.executable).parent / "prefect"
 
     def helps(words):
-        path = [w for w in words[1:] if not w.startswith("-")][:2]
+        rest = words[1:]
+        while rest and rest[0].startswith("-"):  # global options such as --no-prompt
+            rest = rest[1:]
+        path = []
+        for word in rest[:2]:  # the sub-command path ends at the first option
+            if word.startswith("-"):
+                break
+            path.append(word)
         return subprocess.run([str(prefect), *path, "--help"], capture_output=True, text=True, timeout=300)
 
     distinct = {tuple(c): c for c in commands}.values()
