@@ -208,22 +208,27 @@ def test_mlflows_own_delivery_code_reaches_the_receiver_under_uvicorn(monkeypatc
     assert [(e.name, e.version) for e in emitted.seen] == [("real-delivery", "3")]
 
 
+def _gradprune(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the installed `gradprune` in a new process: Prefect reads its settings (PREFECT_API_URL) once per process,
+    and an earlier test in this one may have pointed them at its test server."""
+    clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.run([str(Path(sys.executable).parent / "gradprune"), *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_cli_refuses_to_start_without_a_secret_or_a_prefect_api(monkeypatch):
     monkeypatch.delenv("GRADPRUNE_WEBHOOK_SECRET", raising=False)
     result = CliRunner().invoke(cli, ["webhook", "serve"])
     assert result.exit_code == 2 and "GRADPRUNE_WEBHOOK_SECRET is not set" in result.output
-    monkeypatch.setenv("GRADPRUNE_WEBHOOK_SECRET", SECRET)
-    result = CliRunner().invoke(cli, ["webhook", "serve"])
-    assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
     result = CliRunner().invoke(cli, ["serve", "--set", "bogus=1"])
     assert result.exit_code == 2 and "unknown setting(s) ['bogus']" in result.output
-    result = CliRunner().invoke(cli, ["serve"])
-    assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
-    # Prefect reads its settings once per process: a new process sees the URL.
+    for command in (["webhook", "serve"], ["serve"]):
+        result = _gradprune(*command, GRADPRUNE_WEBHOOK_SECRET=SECRET)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            "error: PREFECT_API_URL is not set; point it at the Prefect server (e.g. http://127.0.0.1:4200/api after "
+            "`prefect server start`)"]
     nobody = f"http://127.0.0.1:{free_port()}/api"
-    gradprune = Path(sys.executable).parent / "gradprune"
-    result = subprocess.run([str(gradprune), "serve"], env={**os.environ, "PREFECT_API_URL": nobody},
-                            capture_output=True, text=True, timeout=300)
+    result = _gradprune("serve", PREFECT_API_URL=nobody)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: cannot reach the Prefect API at {nobody} (ConnectError); start it (`prefect server start`) or "
         "fix PREFECT_API_URL"]
