@@ -216,3 +216,28 @@ def test_the_run_and_the_flow_run_carry_what_reviewers_read(first_scan, registry
     assert table in artifact.data and outcome["run_url"] in artifact.data and ": sanitized" in artifact.data
     rejected = Artifact.get(artifact_key("tiny-data-cnn", "1"))
     assert ": rejected" in rejected.data and "at least 10 images per class" in rejected.data
+
+
+def test_the_reconciler_dispatches_once_per_version_and_sanitizes_itself_when_the_key_is_spent(registry):
+    """scan_registry(dispatch=...) as `gradprune serve` runs it: a flow run per version under the key NAME:VERSION,
+    the same run on the next pass, and an in-process sanitization once that key's run has finished."""
+    from prefect import get_client
+    from prefect.states import Completed
+
+    client = registry["client"]
+    version = register_source_model(create_model("small_cnn"), "dispatched-cnn", input_shape=SHAPE)
+    set_model_inputs(client, "dispatched-cnn", clean_data=f"{registry['bucket']}/tiny")
+    sanitize_model_version.to_deployment("dispatch-target").apply()
+    target = "sanitize-model-version/dispatch-target"
+    first = scan_registry(model="dispatched-cnn", dispatch=target)
+    again = scan_registry(model="dispatched-cnn", dispatch=target)
+    assert [o["status"] for o in first + again] == ["dispatched", "dispatched"]
+    assert first[0]["reason"] == again[0]["reason"]  # the same flow run: the key NAME:VERSION held
+    run_id = first[0]["reason"].split("(")[1].rstrip(")")
+    with get_client(sync_client=True) as prefect:
+        run = prefect.read_flow_run(run_id)
+        assert run.idempotency_key == f"dispatched-cnn:{version}" and run.parameters["version"] == version
+        prefect.set_flow_run_state(run_id, Completed(), force=True)  # as if it had run and lost its claim
+    [outcome] = scan_registry(model="dispatched-cnn", dispatch=target, config=CONFIG)
+    assert (outcome["version"], outcome["status"]) == (version, "rejected")  # sanitized here: tiny clean set
+    assert client.get_model_version("dispatched-cnn", version).tags[T.STATUS] == T.REJECTED

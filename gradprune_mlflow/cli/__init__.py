@@ -30,7 +30,9 @@ from gradprune_mlflow.errors import GradpruneError
 COMMANDS = [
     "sanitize",
     "dataset",   # gradprune dataset pack|push|validate
-    "registry",  # gradprune scan, webhook, serve
+    "registry",  # gradprune scan
+    "webhook",   # gradprune webhook serve|register
+    "serve",     # gradprune serve
     "demo",      # gradprune demo
 ]
 

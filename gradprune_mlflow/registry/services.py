@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,29 +94,57 @@ def mlflow_server(
            "--artifacts-destination", artifacts_destination or str(workdir / "mlartifacts")]
     log_path = workdir / "mlflow.log"
     child_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
-                                cwd=workdir)
-    try:
-        _wait_healthy(url, proc, timeout, log_path)
+    with background_service(cmd, ready=lambda: http_ok(f"{url}/health"), log_path=log_path, env=child_env,
+                            cwd=workdir, timeout=timeout, what="mlflow server"):
         yield url
+
+
+@contextmanager
+def background_service(
+    cmd: list[str],
+    *,
+    ready: Callable[[], bool],
+    log_path: str | Path,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 90.0,
+    what: str = "service",
+) -> Iterator[subprocess.Popen]:
+    """Run `cmd` in its own process group, logging to `log_path`, until `ready()` is true; yields the process.
+
+    The whole group is stopped when the block ends. Raises GradpruneError when the process exits first or is not
+    ready within `timeout` seconds (the log's tail says why).
+    """
+    log_path = Path(log_path)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=cwd)
+    try:
+        _wait_ready(ready, proc, timeout, log_path, what)
+        yield proc
     finally:
         stop_process_group(proc)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+def http_ok(url: str) -> bool:
+    """True when GET `url` answers 200 within two seconds."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _wait_ready(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float, log_path: Path,
+                what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise GradpruneError(f"mlflow server exited with code {proc.returncode}: {_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+            raise GradpruneError(f"{what} exited with code {proc.returncode}: {_tail(log_path)}")
+        if ready():
+            return
         time.sleep(0.25)
-    raise GradpruneError(f"mlflow server at {url} was not healthy after {timeout:.0f} s: {_tail(log_path)}")
+    raise GradpruneError(f"{what} was not ready after {timeout:.0f} s: {_tail(log_path)}")
 
 
 def _tail(path: Path, lines: int = 3) -> str:
