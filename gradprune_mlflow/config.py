@@ -10,6 +10,7 @@ from gradprune_mlflow.errors import BadInput
 MODES = ("fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 ON_CLEAN = ("skip", "sanitize")
+STAGES = ("prune+finetune", "prune", "finetune")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class SanitizeConfig:
     # Trigger-free mode when nothing is flagged: "skip" writes no model, "sanitize" unlearns the best candidate anyway.
     on_clean: str = "skip"
     batch_size: int = 128
+    # Which halves of Grad-Prune run: both (the method), or one alone for the benchmark's ablations ("finetune":
+    # unlearning fine-tuning without pruning; "prune": pruning without fine-tuning).
+    stages: str = "prune+finetune"
 
     # --- pruning ---
     # Largest validation clean-accuracy drop a pruned state may have to be kept (raised to one validation image's
@@ -75,6 +79,8 @@ class SanitizeConfig:
             raise BadInput(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.on_clean not in ON_CLEAN:
             raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
+        if self.stages not in STAGES:
+            raise BadInput(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.max_prune_fraction < 1.0:

@@ -270,3 +270,14 @@ def test_cuda_without_cuda_is_bad_input(badnets_cnn, clean_set):
 def test_unknown_setting_is_bad_input(badnets_cnn, clean_set):
     with pytest.raises(BadInput, match="finetune_epoch"):
         sanitize(badnets_cnn, clean_set, TRIGGER, finetune_epoch=3)
+
+
+def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
+    small = subset(clean_set, 30)
+    tune_only = sanitize(badnets_cnn, small, TRIGGER, stages="finetune", **SMALL).report
+    assert tune_only["pruned_filters"] == 0 and tune_only["gradient_passes"] == 0
+    assert tune_only["finetune_epochs"] > 0
+    prune_only = sanitize(badnets_cnn, small, TRIGGER, stages="prune", acc_drop_budget=0.9, **SMALL).report
+    assert prune_only["pruned_filters"] > 0 and prune_only["finetune_epochs"] == 0
+    with pytest.raises(BadInput, match="stages must be one of"):
+        sanitize(badnets_cnn, small, TRIGGER, stages="neither", **SMALL)

@@ -188,11 +188,13 @@ def run_sanitize(
     prune_out = finetune_out = None
     if not skipped:
         train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
-        prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress)
-        finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
-        if detection is not None:
-            rechecks, finetune_out = _recheck(net, masks, train, val, unlearn, family, detection, cfg, gen, progress,
-                                              teacher, finetune_out)
+        if "prune" in cfg.stages:
+            prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress)
+        if "finetune" in cfg.stages:
+            finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
+            if detection is not None:
+                rechecks, finetune_out = _recheck(net, masks, train, val, unlearn, family, detection, cfg, gen,
+                                                  progress, teacher, finetune_out)
         masks.apply()
     progress.close()
 

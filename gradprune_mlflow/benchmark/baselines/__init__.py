@@ -1,0 +1,1 @@
+"""The defenses practitioners use today, each in its own module, registered by name (see benchmark.registry)."""

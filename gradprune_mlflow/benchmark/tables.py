@@ -1,0 +1,147 @@
+"""From benchmark rows to what people read: a markdown table (mean ± std over seeds), the goal checks and a plot."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = ("clean_acc", "asr", "ra", "seconds", "backward_passes")
+
+
+def _num(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def summarise(rows: list[dict[str, str]]) -> dict[tuple, dict]:
+    """(arch, attack, per_class, defense) -> {metric: (mean, std)}, 'drop' (points vs no defense), 'n', 'errors'."""
+    groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["arch"], r["attack"], int(r["per_class"]), r["defense"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        ok = [r for r in rs if not r.get("error")]
+        cell: dict = {"n": len(ok), "errors": sorted({r["error"] for r in rs if r.get("error")}),
+                      "flagged": sum(r.get("flagged") == "True" for r in ok)}
+        for m in METRICS + ("acc_before", "asr_before"):
+            vals = [v for v in (_num(r.get(m)) for r in ok) if v is not None]
+            cell[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+        drops = [100 * (float(r["acc_before"]) - float(r["clean_acc"])) for r in ok]
+        cell["drop"] = (statistics.fmean(drops), statistics.stdev(drops) if len(drops) > 1 else 0.0) if drops else None
+        out[key] = cell
+    return out
+
+
+def _pm(pair, scale: float = 100.0, digits: int = 1) -> str:
+    if pair is None:
+        return "n/a"
+    mean, std = pair
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def markdown(rows: list[dict[str, str]], defenses: list[str]) -> str:
+    """One table per (arch, attack, clean budget): a row per defense, percentages, mean ± std over seeds."""
+    summary = summarise(rows)
+    blocks = sorted({k[:3] for k in summary})
+    lines = []
+    for arch, attack, per_class in blocks:
+        lines += [f"### {arch}, {attack}, {per_class} clean images per class", "",
+                  "| defense | clean acc % | drop (pts) | ASR % | RA % | seconds | backward passes | flagged | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in defenses:
+            c = summary.get((arch, attack, per_class, d))
+            if c is None:
+                continue
+            if c["n"] == 0:
+                lines.append(f"| {d} | failed: {'; '.join(c['errors'])[:120]} | | | | | | | 0 |")
+                continue
+            flagged = f"{c['flagged']}/{c['n']}" if d in FLAGGING else ""
+            lines.append(f"| {d} | {_pm(c['clean_acc'])} | {_pm(c['drop'], 1.0, 2)} | {_pm(c['asr'])} | "
+                         f"{_pm(c['ra'])} | {_pm(c['seconds'], 1.0)} | {_pm(c['backward_passes'], 1.0, 0)} | "
+                         f"{flagged} | {c['n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# Defenses whose report says whether their detector flagged a class.
+FLAGGING = {"neural-cleanse", "grad-prune-free", "unlearn-ft-free", "prune-only-free"}
+BASELINES = ("fine-tuning", "fine-pruning", "anp", "neural-cleanse")
+
+
+def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
+    """The issue's goals, each checked on the largest clean budget: (goal, met or None if not measured, evidence)."""
+    summary = summarise(rows)
+    out = []
+    for arch, attack in sorted({k[:2] for k in summary}):
+        n = max(k[2] for k in summary if k[:2] == (arch, attack))
+
+        def cell(d, arch=arch, attack=attack, n=n):
+            c = summary.get((arch, attack, n, d))
+            return c if c and c["n"] else None
+
+        where = f"{arch}/{attack}/{n} per class"
+        for d, limit in (("grad-prune-free", 5.0), ("grad-prune-fast", 2.0)):
+            c = cell(d)
+            if c:
+                asr, drop = 100 * c["asr"][0], c["drop"][0]
+                out.append((f"{d} ASR <= {limit:g}% and drop <= 2 pts ({where})", asr <= limit and drop <= 2.0,
+                            f"ASR {asr:.1f}%, drop {drop:.2f} pts"))
+        ours = cell("grad-prune-free")
+        if ours:
+            for b in BASELINES:
+                c = cell(b)
+                if c:
+                    beats = ours["asr"][0] <= c["asr"][0] and ours["clean_acc"][0] >= c["clean_acc"][0]
+                    out.append((f"grad-prune-free beats {b} on ASR and accuracy together ({where})", beats,
+                                f"ASR {100 * ours['asr'][0]:.1f} vs {100 * c['asr'][0]:.1f}%, acc "
+                                f"{100 * ours['clean_acc'][0]:.1f} vs {100 * c['clean_acc'][0]:.1f}%"))
+        fast, paper, anp = cell("grad-prune-fast"), cell("grad-prune-paper"), cell("anp")
+        if fast and paper:
+            ratio = paper["backward_passes"][0] / max(fast["backward_passes"][0], 1)
+            out.append((f"fast mode >= 5x fewer backward passes than paper mode ({where})", ratio >= 5,
+                        f"{ratio:.1f}x ({paper['backward_passes'][0]:.0f} vs {fast['backward_passes'][0]:.0f})"))
+        if fast and anp:
+            ratio = fast["seconds"][0] / max(anp["seconds"][0], 1e-9)
+            out.append((f"fast mode wall time <= 0.5x ANP's ({where})", ratio <= 0.5,
+                        f"{ratio:.2f}x ({fast['seconds'][0]:.0f} s vs {anp['seconds'][0]:.0f} s)"))
+    return out
+
+
+def goals_markdown(rows: list[dict[str, str]]) -> str:
+    lines = ["| goal | met | measured |", "|---|---|---|"]
+    for goal, met, evidence in goals(rows):
+        lines.append(f"| {goal} | {'yes' if met else 'NO'} | {evidence} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, str]], defenses: list[str], path: Path) -> Path:
+    """ASR against clean accuracy, one panel per (arch, attack) at the largest clean budget; mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(rows)
+    panels = sorted({k[:2] for k in summary})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    markers = "osD^v<>pP*Xh"
+    for ax, (arch, attack) in zip(axes[0], panels, strict=True):
+        n = max(k[2] for k in summary if k[:2] == (arch, attack))
+        for i, d in enumerate(defenses):
+            c = summary.get((arch, attack, n, d))
+            if not c or not c["n"]:
+                continue
+            ax.errorbar(100 * c["clean_acc"][0], 100 * c["asr"][0], xerr=100 * c["clean_acc"][1],
+                        yerr=100 * c["asr"][1], fmt=markers[i % len(markers)], label=d, capsize=2)
+        ax.set(title=f"{arch}, {attack}, {n}/class", xlabel="clean accuracy %", ylabel="attack success rate %")
+        ax.set_yscale("symlog", linthresh=5)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

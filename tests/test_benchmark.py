@@ -1,0 +1,189 @@
+"""The defense benchmark: the registry, what each defense may see, the baselines' own rules, and one real run.
+
+Models and data are real (the session's backdoored Fashion-MNIST CNN; the runner test trains its own small one).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradprune_mlflow import lab
+from gradprune_mlflow.benchmark import tables
+from gradprune_mlflow.benchmark.baselines import anp, fine_pruning, fine_tuning, neural_cleanse
+from gradprune_mlflow.benchmark.baselines.feature_map import last_feature_module
+from gradprune_mlflow.benchmark.counting import BackwardCounter
+from gradprune_mlflow.benchmark.presets import parse_options
+from gradprune_mlflow.benchmark.registry import Defended, Defense, defense_names, get_defense, run_defense
+from gradprune_mlflow.defense.metrics import accuracy, evaluate
+from gradprune_mlflow.defense.normalize import Normalized
+
+ISSUE_DEFENSES = ["none", "fine-tuning", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
+                  "grad-prune-fast", "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known",
+                  "prune-only-free"]
+
+
+def test_every_defense_of_the_issue_is_registered_in_table_order():
+    assert defense_names() == ISSUE_DEFENSES
+    known = {n for n in ISSUE_DEFENSES if get_defense(n).uses_trigger}
+    assert known == {"grad-prune-paper", "grad-prune-fast", "unlearn-ft-known", "prune-only-known"}
+
+
+def test_unknown_defense_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown defense 'magic'.*fine-pruning"):
+        get_defense("magic")
+
+
+def test_a_trigger_free_defense_never_receives_the_trigger(clean_set):
+    seen = []
+
+    def spy(model, clean, trigger, seed, **options):
+        seen.append((trigger, options))
+        return Defended(model)
+
+    trig = lab.attack_trigger("badnets")
+    run_defense(Defense("spy-free", spy, False, ""), torch.nn.Linear(1, 1), clean_set, trig, 0, k=1)
+    run_defense(Defense("spy-known", spy, True, ""), torch.nn.Linear(1, 1), clean_set, trig, 0)
+    assert seen == [(None, {"k": 1}), (trig, {})]
+
+
+def test_backward_counter_counts_passes_through_copies_and_wrappers(badnets_cnn, clean_set):
+    model = copy.deepcopy(badnets_cnn)
+    x, y = clean_set.images[:8], clean_set.labels[:8]
+    with BackwardCounter(model) as counter:
+        copied = Normalized(copy.deepcopy(model), clean_set.meta.mean, clean_set.meta.std)
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(copied(x), y).backward()
+        with torch.no_grad():
+            copied(x)  # evaluation is not a gradient pass
+        torch.autograd.grad(copied(x.requires_grad_()).sum(), x)
+    assert counter.count == 4
+    counter.detach(copied.model)
+    copied(x).sum().backward()
+    assert counter.count == 4
+
+
+def test_parse_options_and_its_error():
+    assert parse_options(["anp.iterations=500", "anp.note=x", "nc.rate=0.2"]) == {
+        "anp": {"iterations": 500, "note": "x"}, "nc": {"rate": 0.2}}
+    with pytest.raises(ValueError, match="DEFENSE.NAME=VALUE"):
+        parse_options(["iterations=5"])
+
+
+def _val_acc(model, clean):
+    _, val = clean.split(0.1, 0)
+    return accuracy(Normalized(model, clean.meta.mean, clean.meta.std), val)
+
+
+def test_fine_tuning_changes_the_model_within_its_validation_budget(badnets_cnn, clean_set):
+    out = fine_tuning.fine_tuning(badnets_cnn, clean_set, None, 0)
+    assert out.info["finetune_epochs"] > 0
+    changed = any(not torch.equal(a, b) for a, b in zip(out.model.state_dict().values(),
+                                                          badnets_cnn.state_dict().values(), strict=True))
+    assert changed
+    assert _val_acc(out.model, clean_set) >= _val_acc(badnets_cnn, clean_set) - 0.02 - 1e-9
+
+
+def test_fine_pruning_zeroes_the_dormant_channels_of_the_last_feature_map(badnets_cnn, clean_set):
+    out = fine_pruning.fine_pruning(badnets_cnn, clean_set, None, 0)
+    assert out.info["layer"] == "head.0" and out.info["pruned"] > 0
+    feats = []
+    handle = out.model.get_submodule("head.0").register_forward_hook(lambda _m, _i, o: feats.append(o))
+    with torch.no_grad():
+        Normalized(out.model, clean_set.meta.mean, clean_set.meta.std)(clean_set.images[:64])
+    handle.remove()
+    dead = (feats[0].abs().amax((0, 2, 3)) == 0).sum().item()
+    assert dead >= out.info["pruned"]
+    assert _val_acc(out.model, clean_set) >= _val_acc(badnets_cnn, clean_set) - 0.04 - 1e-9
+
+
+def test_last_feature_map_of_a_residual_net_is_its_pooling():
+    from gradprune_mlflow.models.zoo import create_model
+
+    net = create_model("tiny_resnet", num_classes=10, in_channels=1)
+    assert last_feature_module(net, torch.zeros(2, 1, 28, 28)) == "head.0"
+
+
+def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_set, fashion_test):
+    trigger = lab.attack_trigger("badnets")
+    out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=200)
+    zeroed = sum(int((m.weight == 0).sum()) for m in out.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert out.info["pruned"] > 0 and zeroed == out.info["pruned"]
+    norm = (clean_set.meta.mean, clean_set.meta.std)
+    before = evaluate(Normalized(badnets_cnn, *norm), fashion_test, trigger)
+    after = evaluate(Normalized(out.model, *norm), fashion_test, trigger)
+    assert after["attack_success_rate"] < before["attack_success_rate"]
+
+
+def test_anp_refuses_a_model_without_batchnorm(clean_set):
+    from gradprune_mlflow.models.zoo import create_model
+
+    with pytest.raises(ValueError, match="BatchNorm"):
+        anp.anp(create_model("small_cnn_nobn", num_classes=10, in_channels=1), clean_set, None, 0, iterations=1)
+
+
+def test_neural_cleanse_reports_its_detection(badnets_cnn, clean_set):
+    out = neural_cleanse.neural_cleanse(badnets_cnn, clean_set, None, 0)
+    assert set(out.info) >= {"flagged", "detected_target", "anomaly_index"}
+    assert out.info["flagged"] == (out.info["anomaly_index"] > neural_cleanse.MAD_THRESHOLD)
+    untouched = all(torch.equal(a, b) for a, b in zip(out.model.state_dict().values(),
+                                                      badnets_cnn.state_dict().values(), strict=True))
+    assert untouched != out.info["flagged"]  # flagged -> unlearned; not flagged -> nothing done, as in the paper
+
+
+def _row(defense, acc, asr, seconds=1.0, passes=10, seed=0, per_class=100):
+    return {"arch": "small_cnn", "attack": "badnets", "per_class": str(per_class), "seed": str(seed),
+            "defense": defense, "clean_acc": str(acc), "asr": str(asr), "ra": "0.5", "acc_before": "0.9",
+            "asr_before": "1.0", "seconds": str(seconds), "backward_passes": str(passes), "flagged": "True",
+            "error": ""}
+
+
+def test_goals_are_checked_on_the_numbers():
+    rows = [_row("grad-prune-free", 0.89, 0.04), _row("grad-prune-fast", 0.885, 0.03, seconds=10, passes=20),
+            _row("grad-prune-paper", 0.88, 0.02, passes=200), _row("anp", 0.87, 0.10, seconds=30),
+            _row("fine-tuning", 0.90, 0.02)]
+    got = {goal.split(" (")[0]: met for goal, met, _ in tables.goals(rows)}
+    assert got["grad-prune-free ASR <= 5% and drop <= 2 pts"] is True
+    assert got["grad-prune-fast ASR <= 2% and drop <= 2 pts"] is False  # ASR 3%
+    assert got["grad-prune-free beats anp on ASR and accuracy together"] is True
+    assert got["grad-prune-free beats fine-tuning on ASR and accuracy together"] is False
+    assert got["fast mode >= 5x fewer backward passes than paper mode"] is True
+    assert got["fast mode wall time <= 0.5x ANP's"] is True
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    rows = [_row("anp", 0.8, 0.1, seed=0), _row("anp", 0.9, 0.3, seed=1)]
+    cell = tables.summarise(rows)[("small_cnn", "badnets", 100, "anp")]
+    assert cell["n"] == 2 and cell["clean_acc"][0] == pytest.approx(0.85)
+    assert cell["asr"][1] == pytest.approx(0.1414, abs=1e-3)
+    assert cell["drop"][0] == pytest.approx(5.0)
+
+
+def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks/compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    common = ["--preset", "smoke", "--per-class", "10", "--test-images", "300", "--out", str(tmp_path),
+              "--cache", str(tmp_path / "cache")]
+    argv = common + ["--defenses", "none", "fine-tuning", "prune-only-known"]
+    assert compare.main(argv) == 0
+    with (tmp_path / "compare-smoke.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["defense"] for r in rows] == ["none", "fine-tuning", "prune-only-known"]
+    assert all(not r["error"] for r in rows)
+    none, pruned = rows[0], rows[2]
+    assert none["clean_acc"] == none["acc_before"] and none["backward_passes"] == "0"
+    assert int(pruned["backward_passes"]) > 0 and int(pruned["pruned"]) > 0
+    md = (tmp_path / "compare-smoke.md").read_text()
+    assert "| prune-only-known |" in md and "## Goals" in md
+    assert (tmp_path / "compare-smoke.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert compare.main(argv) == 0  # everything already done: nothing runs again
+    assert "0 runs to do, 3 already" in capsys.readouterr().out
+    assert compare.main(common + ["--defenses", "nothing"]) == 2
+    assert "unknown defense 'nothing'" in capsys.readouterr().out
