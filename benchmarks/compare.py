@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", nargs="+", type=int)
     ap.add_argument("--seeds", nargs="+", type=int)
     ap.add_argument("--test-images", type=int, help="measure on the first N test images (default: the preset's)")
+    ap.add_argument("--train-images", type=int, help="attacker's training images (default: the preset's, 50,000)")
+    ap.add_argument("--train-epochs", type=int, help="attacker's training epochs (default: the preset's)")
     ap.add_argument("--option", action="append", default=[], metavar="DEFENSE.NAME=VALUE",
                     help="a defense's own setting, e.g. anp.iterations=2000 (overrides the preset's)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         for d, o in parse_options(args.option).items():
             options[d] = {**options.get(d, {}), **o}
         preset = base.with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class,
-                                     seeds=args.seeds, test_images=args.test_images, options=options)
+                                     seeds=args.seeds, test_images=args.test_images, options=options,
+                                     n_train=args.train_images, epochs=args.train_epochs)
         stem = args.out / (args.name or f"compare-{args.preset}")
         rows = runner.run(preset, defenses, stem.with_suffix(".csv"), cache_dir=args.cache, device=args.device,
                           console=console)
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: {sorted({r['device'] for r in rows})}; written {date.today()}. Percentages on "
         f"{preset.test_images or 10_000} Fashion-MNIST test images; mean ± std over seeds "
         f"{', '.join(map(str, preset.seeds))}. Defense options: {preset.options or 'none'}.",
-        "", "## Goals (largest clean budget)", "", tables.goals_markdown(rows), "", "## Tables", "",
+        "", "## Goals (largest clean budget)", "", tables.goals_markdown(rows), "",
+        "## What pruning adds over unlearning fine-tuning alone", "", tables.pruning_worth(rows), "",
+        "## Tables", "",
     ]
     stem.with_suffix(".md").write_text("\n".join(header) + tables.markdown(rows, defenses))
     tables.plot(rows, defenses, stem.with_suffix(".png"))

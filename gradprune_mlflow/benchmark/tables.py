@@ -117,6 +117,32 @@ def goals_markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+# (full method, the same without pruning) pairs: what the pruning half is worth.
+PRUNING_PAIRS = (("grad-prune-fast", "unlearn-ft-known"), ("grad-prune-free", "unlearn-ft-free"))
+
+
+def pruning_worth(rows: list[dict[str, str]]) -> str:
+    """A markdown table: the full method against unlearning fine-tuning alone, and whether pruning added anything.
+
+    "adds" means a lower ASR or a higher clean accuracy by at least half a point with the other not worse by more
+    than half a point; users deserve to know when the cheaper step is enough.
+    """
+    summary = summarise(rows)
+    lines = ["| model, attack, budget | full method | ASR % with / without pruning | acc % with / without | "
+             "pruning adds |", "|---|---|---|---|---|"]
+    for arch, attack, n, d in sorted(k for k in summary if k[3] in dict(PRUNING_PAIRS)):
+        full, alone = summary[(arch, attack, n, d)], summary.get((arch, attack, n, dict(PRUNING_PAIRS)[d]))
+        if not (full["n"] and alone and alone["n"]):
+            continue
+        d_asr = 100 * (alone["asr"][0] - full["asr"][0])  # > 0: pruning lowered ASR
+        d_acc = 100 * (full["clean_acc"][0] - alone["clean_acc"][0])  # > 0: pruning kept more accuracy
+        adds = (d_asr >= 0.5 and d_acc >= -0.5) or (d_acc >= 0.5 and d_asr >= -0.5)
+        lines.append(f"| {arch}, {attack}, {n}/class | {d} | {100 * full['asr'][0]:.1f} / "
+                     f"{100 * alone['asr'][0]:.1f} | {100 * full['clean_acc'][0]:.1f} / "
+                     f"{100 * alone['clean_acc'][0]:.1f} | {'yes' if adds else '**no**'} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, str]], defenses: list[str], path: Path) -> Path:
     """ASR against clean accuracy, one panel per (arch, attack) at the largest clean budget; mean over seeds."""
     import matplotlib

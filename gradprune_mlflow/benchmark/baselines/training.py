@@ -21,8 +21,9 @@ from gradprune_mlflow.defense.metrics import accuracy
 # Liu et al. 2018 and the BackdoorBench baselines fine-tune with SGD, lr 0.01, momentum 0.9, weight decay 5e-4.
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 EPOCHS, PATIENCE, BATCH = 20, 5, 128
-# Clean fine-tuning keeps its last epoch within this validation accuracy drop (Grad-Prune's outcome goal: 2 points).
-MAX_ACC_DROP = 0.02
+# Clean fine-tuning keeps its last epoch within this validation accuracy drop: the budget Grad-Prune's pruning and
+# ANP get. (At 2 points, lr 0.01 on a 900-image set kept no epoch of the Fashion-MNIST CNN: it stayed untouched.)
+MAX_ACC_DROP = 0.05
 
 
 def device_of(model: nn.Module) -> torch.device:
