@@ -32,6 +32,8 @@ def _variant(overrides: dict):
         rep, det = result.report, result.report["detection"] or {}
         return Defended(result.model, {
             "pruned": rep["pruned_filters"], "finetune_epochs": rep["finetune_epochs"],
+            # report.json's gradient_passes: passes of the unlearning loss over the scoring set while pruning
+            "scoring_passes": rep["gradient_passes"],
             "flagged": det.get("flagged", ""), "detected_target": det.get("target", ""),
         })
 

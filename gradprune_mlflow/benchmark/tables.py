@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +30,9 @@ def summarise(rows: list[dict[str, str]]) -> dict[tuple, dict]:
         for m in METRICS + ("acc_before", "asr_before"):
             vals = [v for v in (_num(r.get(m)) for r in ok) if v is not None]
             cell[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+        scoring = [json.loads(r.get("info") or "{}").get("scoring_passes") for r in ok]
+        scoring = [v for v in scoring if isinstance(v, int | float)]
+        cell["scoring_passes"] = (statistics.fmean(scoring), 0.0) if scoring else None
         drops = [100 * (float(r["acc_before"]) - float(r["clean_acc"])) for r in ok]
         cell["drop"] = (statistics.fmean(drops), statistics.stdev(drops) if len(drops) > 1 else 0.0) if drops else None
         out[key] = cell
@@ -100,9 +104,19 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
                                 f"{100 * ours['clean_acc'][0]:.1f} vs {100 * c['clean_acc'][0]:.1f}%"))
         fast, paper, anp = cell("grad-prune-fast"), cell("grad-prune-paper"), cell("anp")
         if fast and paper:
-            ratio = paper["backward_passes"][0] / max(fast["backward_passes"][0], 1)
-            out.append((f"fast mode >= 5x fewer backward passes than paper mode ({where})", ratio >= 5,
-                        f"{ratio:.1f}x ({paper['backward_passes'][0]:.0f} vs {fast['backward_passes'][0]:.0f})"))
+            # Two counts: report.json's gradient_passes (scoring passes while pruning, where the modes differ)
+            # and every backward pass of the run (fine-tuning included, which both modes share).
+            total = paper["backward_passes"][0] / max(fast["backward_passes"][0], 1)
+            evidence = f"all backward passes {total:.1f}x ({paper['backward_passes'][0]:.0f} vs " \
+                       f"{fast['backward_passes'][0]:.0f})"
+            if fast["scoring_passes"] and paper["scoring_passes"]:
+                ratio = paper["scoring_passes"][0] / max(fast["scoring_passes"][0], 1)
+                evidence = f"scoring passes {ratio:.1f}x ({paper['scoring_passes'][0]:.0f} vs " \
+                           f"{fast['scoring_passes'][0]:.0f}); " + evidence
+                out.append((f"fast mode >= 5x fewer gradient (scoring) passes than paper mode ({where})",
+                            ratio >= 5, evidence))
+            out.append((f"fast mode >= 5x fewer backward passes in all than paper mode ({where})", total >= 5,
+                        evidence))
         if fast and anp:
             ratio = fast["seconds"][0] / max(anp["seconds"][0], 1e-9)
             out.append((f"fast mode wall time <= 0.5x ANP's ({where})", ratio <= 0.5,
@@ -124,8 +138,9 @@ PRUNING_PAIRS = (("grad-prune-fast", "unlearn-ft-known"), ("grad-prune-free", "u
 def pruning_worth(rows: list[dict[str, str]]) -> str:
     """A markdown table: the full method against unlearning fine-tuning alone, and whether pruning added anything.
 
-    "adds" means a lower ASR or a higher clean accuracy by at least half a point with the other not worse by more
-    than half a point; users deserve to know when the cheaper step is enough.
+    "yes": a lower ASR or a higher clean accuracy by at least half a point, the other not worse by more than half a
+    point; "trade-off": better on one, worse on the other; "no": neither better. Users deserve to know when the
+    cheaper step is enough.
     """
     summary = summarise(rows)
     lines = ["| model, attack, budget | full method | ASR % with / without pruning | acc % with / without | "
@@ -136,10 +151,11 @@ def pruning_worth(rows: list[dict[str, str]]) -> str:
             continue
         d_asr = 100 * (alone["asr"][0] - full["asr"][0])  # > 0: pruning lowered ASR
         d_acc = 100 * (full["clean_acc"][0] - alone["clean_acc"][0])  # > 0: pruning kept more accuracy
-        adds = (d_asr >= 0.5 and d_acc >= -0.5) or (d_acc >= 0.5 and d_asr >= -0.5)
+        better, worse = max(d_asr, d_acc) >= 0.5, min(d_asr, d_acc) < -0.5
+        verdict = "trade-off" if better and worse else "yes" if better else "**no**"
         lines.append(f"| {arch}, {attack}, {n}/class | {d} | {100 * full['asr'][0]:.1f} / "
                      f"{100 * alone['asr'][0]:.1f} | {100 * full['clean_acc'][0]:.1f} / "
-                     f"{100 * alone['clean_acc'][0]:.1f} | {'yes' if adds else '**no**'} |")
+                     f"{100 * alone['clean_acc'][0]:.1f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -161,7 +177,8 @@ def plot(rows: list[dict[str, str]], defenses: list[str], path: Path) -> Path:
             if not c or not c["n"]:
                 continue
             ax.errorbar(100 * c["clean_acc"][0], 100 * c["asr"][0], xerr=100 * c["clean_acc"][1],
-                        yerr=100 * c["asr"][1], fmt=markers[i % len(markers)], label=d, capsize=2)
+                        yerr=100 * c["asr"][1], fmt=markers[i % len(markers)], label=d, capsize=2,
+                        color=plt.cm.tab20(i % 20))
         ax.set(title=f"{arch}, {attack}, {n}/class", xlabel="clean accuracy %", ylabel="attack success rate %")
         ax.set_yscale("symlog", linthresh=5)
         ax.grid(alpha=0.3)
