@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for the CSV, markdown and plot")
     ap.add_argument("--name", help="file stem (default: compare-PRESET)")
+    ap.add_argument("--report-only", action="store_true", help="run nothing; rewrite the .md and .png from the CSV")
     ap.add_argument("--cache", type=Path, default=HERE / "cache", help="backdoored models, reused across runs")
     args = ap.parse_args(argv)
     console = Console()
@@ -53,14 +54,19 @@ def main(argv: list[str] | None = None) -> int:
                                      seeds=args.seeds, test_images=args.test_images, options=options,
                                      n_train=args.train_images, epochs=args.train_epochs)
         stem = args.out / (args.name or f"compare-{args.preset}")
-        rows = runner.run(preset, defenses, stem.with_suffix(".csv"), cache_dir=args.cache, device=args.device,
-                          console=console)
+        if args.report_only:
+            rows = runner.read_rows(stem.with_suffix(".csv"))
+        else:
+            rows = runner.run(preset, defenses, stem.with_suffix(".csv"), cache_dir=args.cache, device=args.device,
+                              console=console)
     except ValueError as exc:  # unknown preset, defense, attack or model: one line, exit 2
         console.print(f"[red]error:[/] {exc}")
         return 2
     rows = [r for r in rows if r["defense"] in defenses]
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     header = [
-        f"Command: `.venv/bin/python benchmarks/compare.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
+        f"Last written by: `.venv/bin/python benchmarks/compare.py {command}`"
+        f" (the CSV keeps the rows of every earlier run of this preset; {len(rows)} rows here)  ",
         f"Device: {sorted({r['device'] for r in rows})}; written {date.today()}. Percentages on "
         f"{preset.test_images or 10_000} Fashion-MNIST test images; mean ± std over seeds "
         f"{', '.join(map(str, preset.seeds))}. Defense options: {preset.options or 'none'}.",

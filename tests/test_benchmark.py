@@ -200,6 +200,9 @@ def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys)
     capsys.readouterr()
     assert compare.main(argv) == 0  # everything already done: nothing runs again
     assert "0 runs to do, 3 already" in capsys.readouterr().out
+    (tmp_path / "compare-smoke.md").unlink()
+    assert compare.main(common + ["--report-only", "--defenses", "none", "fine-tuning"]) == 0
+    assert "| fine-tuning |" in (tmp_path / "compare-smoke.md").read_text()
     assert compare.main(common + ["--defenses", "nothing"]) == 2
     assert "unknown defense 'nothing'" in capsys.readouterr().out
 

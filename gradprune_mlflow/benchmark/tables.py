@@ -180,7 +180,8 @@ def plot(rows: list[dict[str, str]], defenses: list[str], path: Path) -> Path:
                         yerr=100 * c["asr"][1], fmt=markers[i % len(markers)], label=d, capsize=2,
                         color=plt.cm.tab20(i % 20))
         ax.set(title=f"{arch}, {attack}, {n}/class", xlabel="clean accuracy %", ylabel="attack success rate %")
-        ax.set_yscale("symlog", linthresh=5)
+        ax.set_yscale("symlog", linthresh=5)  # linear below 5% where the goals are, log above
+        ax.set_yticks([0, 2, 5, 10, 20, 50, 100], ["0", "2", "5", "10", "20", "50", "100"])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
