@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -86,16 +87,24 @@ def fine_tuning_budget() -> float:
     return MAX_ACC_DROP
 
 
-def test_fine_tuning_changes_the_model_within_its_validation_budget(badnets_cnn, clean_set):
-    out = fine_tuning.fine_tuning(badnets_cnn, clean_set, None, 0)
-    assert out.info["finetune_epochs"] > 0
+def test_fine_tuning_runs_its_schedule_and_keeps_an_epoch_within_its_validation_budget(badnets_cnn, clean_set):
+    from gradprune_mlflow.benchmark.baselines.training import BATCH, EPOCHS
+
+    train, _ = clean_set.split(0.1, 0)
+    with BackwardCounter(badnets_cnn) as counter:
+        out = fine_tuning.fine_tuning(badnets_cnn, clean_set, None, 0)
+    assert counter.count == EPOCHS * -(-len(train) // BATCH)  # the whole schedule, no early stop
     changed = any(not torch.equal(a, b) for a, b in zip(out.model.state_dict().values(),
                                                           badnets_cnn.state_dict().values(), strict=True))
-    assert changed
+    # Epoch 0 is the model as given: kept only when no trained epoch stayed within the budget.
+    assert changed == (out.info["finetune_epochs"] > 0)
     assert _val_acc(out.model, clean_set) >= _val_acc(badnets_cnn, clean_set) - fine_tuning_budget() - 1e-9
 
 
-def test_fine_pruning_zeroes_the_dormant_channels_of_the_last_feature_map(badnets_cnn, clean_set):
+def test_fine_pruning_zeroes_the_dormant_channels_of_the_last_feature_map(badnets_cnn, clean_set, monkeypatch):
+    # A looser stopping rule than the paper's 4 points, so that some channel goes whatever the fresh model is like:
+    # this test is about what pruning does to the channels, and that the rule it is given holds.
+    monkeypatch.setattr(fine_pruning, "MAX_ACC_DROP", 0.15)
     out = fine_pruning.fine_pruning(badnets_cnn, clean_set, None, 0)
     assert out.info["layer"] == "head.0" and out.info["pruned"] > 0
     feats = []
@@ -105,7 +114,7 @@ def test_fine_pruning_zeroes_the_dormant_channels_of_the_last_feature_map(badnet
     handle.remove()
     dead = (feats[0].abs().amax((0, 2, 3)) == 0).sum().item()
     assert dead >= out.info["pruned"]
-    assert _val_acc(out.model, clean_set) >= _val_acc(badnets_cnn, clean_set) - 0.04 - 1e-9
+    assert _val_acc(out.model, clean_set) >= _val_acc(badnets_cnn, clean_set) - 0.15 - 1e-9
 
 
 def test_last_feature_map_of_a_residual_net_is_its_pooling():
@@ -193,7 +202,10 @@ def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys)
     assert all(not r["error"] for r in rows)
     none, pruned = rows[0], rows[2]
     assert none["clean_acc"] == none["acc_before"] and none["backward_passes"] == "0"
-    assert int(pruned["backward_passes"]) > 0 and int(pruned["pruned"]) > 0
+    # Whether the default budget lets a filter go depends on the freshly trained model; that pruning-only ran its
+    # scoring and skipped fine-tuning does not.
+    info = json.loads(pruned["info"])
+    assert int(pruned["backward_passes"]) >= info["scoring_passes"] >= 1 and info["finetune_epochs"] == 0
     md = (tmp_path / "compare-smoke.md").read_text()
     assert "| prune-only-known |" in md and "## Goals" in md
     assert (tmp_path / "compare-smoke.png").stat().st_size > 10_000

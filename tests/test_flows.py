@@ -207,7 +207,8 @@ def test_the_run_and_the_flow_run_carry_what_reviewers_read(first_scan, registry
     assert "Great Expectations): passed" in note
     html = mlflow.artifacts.load_text(f"runs:/{outcome['run_id']}/report.html")
     assert "id='before-after'" in html and pct(outcome["after"]["attack_success_rate"]) in html
-    assert html.count("src='data:image/png;base64,") == 3 and "src='http" not in html  # self-contained
+    # pruning curve, trigger, and filters per layer when a filter was pruned (model-dependent at the default budget)
+    assert html.count("src='data:image/png;base64,") in (2, 3) and "src='http" not in html  # self-contained
     assert "Clean set validation (Great Expectations)" in html and "passed" in html
     plots = {a.path for a in client.list_artifacts(outcome["run_id"], "plots")}
     assert {"plots/pruning_curve.png", "plots/pruned_by_layer.png", "plots/trigger_comparison.png"} <= plots

@@ -146,5 +146,6 @@ def test_the_html_report_opens_in_the_artifact_viewer(page, reviewed):
     frame = page.frame_locator("iframe").first
     frame.locator("#before-after").wait_for(timeout=WAIT_MS)
     assert pct(outcome["after"]["attack_success_rate"]) in frame.locator("#before-after").inner_text()
-    assert frame.locator("img").count() == 3  # pruning curve, filters per layer, the (known) trigger
+    # pruning curve, the (known) trigger, and filters per layer when the model let a filter go at the default budget
+    assert frame.locator("img").count() in (2, 3)
     assert _shot(page, reviewed, "review-report.png").stat().st_size > 20_000
