@@ -15,6 +15,7 @@ from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.triggers import PatchTrigger
 from gradprune_mlflow.defense.unlearning import triggered_copy
+from gradprune_mlflow.errors import BadInput
 from gradprune_mlflow.models.zoo import create_model
 
 PER_CLASS = 40
@@ -127,3 +128,27 @@ def test_the_best_epoch_is_kept(data, clean_set, badnets_cnn):
     final = validation_loss(net, val, val_t, clean_only=False, batch_size=128)
     assert out.epochs == 2 and out.best_epoch >= 1 and out.passes == 2 * -(-len(train) // 128)
     assert final < first
+
+
+def test_mode_defaults_resolve_and_explicit_settings_win():
+    fast, paper = SanitizeConfig(), SanitizeConfig(mode="paper")
+    assert (fast.resolved("finetune_patience"), paper.resolved("finetune_patience")) == (8, 4)
+    assert (fast.resolved("distill_weight"), paper.resolved("distill_weight")) == (5.0, 0.0)
+    assert paper.with_overrides(distill_weight=1.0).resolved("distill_weight") == 1.0
+    # report.json records what was used, never None
+    assert paper.to_dict()["finetune_epochs"] == 30 and fast.to_dict()["unlearn_weight"] == 2.0
+    with pytest.raises(BadInput, match="finetune_patience must be a number >= 1"):
+        fast.with_overrides(finetune_patience=0)
+
+
+def test_the_triggered_loss_weight_is_what_unlearns(data, clean_set, badnets_cnn):
+    """With the triggered CE weighted 0 the backdoor stays; weighted 2 it is unlearned (validation triggered loss)."""
+    train, val, val_t = data
+    losses = []
+    for weight in (0.0, 2.0):
+        net = Normalized(copy.deepcopy(badnets_cnn).float().eval(), clean_set.meta.mean, clean_set.meta.std)
+        cfg = SanitizeConfig(device="cpu").with_overrides(finetune_epochs=2, finetune_patience=2,
+                                                          unlearn_weight=weight, distill_weight=0.0)
+        finetune(net, None, train, TRIGGER, val, val_t, cfg, SilentProgress(), torch.Generator().manual_seed(0))
+        losses.append(validation_loss(net, val, val_t, False, 128) - validation_loss(net, val, val_t, True, 128))
+    assert losses[1] < 0.5 * losses[0]

@@ -86,7 +86,7 @@ def test_paper_mode_prunes_one_filter_per_step_with_one_gradient_pass_each(paper
     assert out.passes == steps, "gradients are recomputed at every step"
     # It stopped on patience (lowest validation unlearning loss not improved for `patience` steps) or on the cap.
     limit = int(cfg.max_prune_fraction * setup.masks.total)
-    assert steps - out.best_step == cfg.resolved_patience() == 10 or steps == limit
+    assert steps - out.best_step == cfg.resolved("prune_patience") == 10 or steps == limit
     assert [entry["step"] for entry in setup.masks.history] == list(range(1, out.best_step + 1))
 
 

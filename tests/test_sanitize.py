@@ -204,7 +204,13 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         assert 1 <= len(rechecks) <= 2 and [r["round"] for r in rechecks] == list(range(1, len(rechecks) + 1))
         assert all(r["repeated"] is (r["anomaly_index"] > 2.0) for r in rechecks)
         assert all(r["repeated"] for r in rechecks[:-1])
-        assert report["synthesis_steps"] == 10 * 1 * (2 + len(rechecks))
+        assert all(r["family"] in ("patch", "blend") for r in rechecks)
+        # both families over every class first, then both families over the flagged class per recheck
+        assert report["synthesis_steps"] == 10 * 1 * 2 * (1 + len(rechecks))
+        # the flagged class's synthesized triggers of both families are returned, the flagging family's first
+        sources = [t.source for t in result.triggers]
+        assert sources[0] == f'synthesized-{report["detection"]["family"]}'
+        assert set(sources) == {"synthesized-patch", "synthesized-blend"}
     assert_changed(runs[0].model, badnets_cnn)
     assert_same_weights(runs[0].model, runs[1].model)
     assert runs[0].report["detection"] == runs[1].report["detection"]

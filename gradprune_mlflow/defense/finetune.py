@@ -79,15 +79,17 @@ def finetune(
     """
     device = next(net.parameters()).device
     clean_only = cfg.mode == "paper"
-    distill = cfg.distill_weight if cfg.mode == "fast" and teacher is not None else 0.0
+    distill = cfg.resolved("distill_weight") if teacher is not None else 0.0
+    unlearn_weight, epochs, patience = (cfg.resolved(n) for n in ("unlearn_weight", "finetune_epochs",
+                                                                    "finetune_patience"))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.finetune_lr)
-    steps = cfg.finetune_epochs * -(-len(train) // cfg.batch_size)
+    steps = epochs * -(-len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     best_loss = validation_loss(net, val_clean, val_triggered, clean_only, cfg.batch_size)
     best_state = copy.deepcopy(net.state_dict())
     out, since_best = FinetuneOutcome(), 0
-    progress.phase("fine-tuning", cfg.finetune_epochs)
-    for epoch in range(1, cfg.finetune_epochs + 1):
+    progress.phase("fine-tuning", epochs)
+    for epoch in range(1, epochs + 1):
         _train_mode_frozen_bn(net)
         for idx in torch.randperm(len(train), generator=generator).split(cfg.batch_size):
             x, y = train.images[idx], train.labels[idx].to(device)
@@ -97,7 +99,7 @@ def finetune(
             x = x.to(device)
             with autocast(device):
                 clean_logits = net(x)
-                loss = F.cross_entropy(clean_logits, y) + F.cross_entropy(net(xt), y)
+                loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(net(xt), y)
                 if distill:
                     with torch.no_grad():
                         soft = F.softmax(teacher(x).float(), 1)
@@ -118,7 +120,7 @@ def finetune(
             best_loss, best_state, out.best_epoch, since_best = loss, copy.deepcopy(net.state_dict()), epoch, 0
         else:
             since_best += 1
-            if since_best >= cfg.finetune_patience:
+            if since_best >= patience:
                 break
     net.load_state_dict(best_state)
     net.eval()

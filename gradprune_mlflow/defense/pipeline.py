@@ -99,14 +99,15 @@ def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Gener
 
 def _synthesized(
     net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator, progress: Progress
-) -> tuple[Detection, FamilyResult]:
+) -> tuple[Detection, list[FamilyResult]]:
+    """Search both families for every class; the detection, and the results with the flagged family first."""
     results = [
         synthesize(net, train.images, train.labels, k, fam, steps=cfg.synth_steps, restarts=cfg.synth_restarts,
                    generator=gen, progress=progress)
         for fam in FAMILIES
     ]
     detection = detect(results, cfg.anomaly_threshold)
-    return detection, next(r for r in results if r.family == detection.family)
+    return detection, sorted(results, key=lambda r: r.family != detection.family)
 
 
 def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
@@ -114,29 +115,36 @@ def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
     return result.triggers(k)[int(result.sizes[:, result.column(k)].argmin())]
 
 
-def _recheck(net, masks, train, val, unlearn, family, detection, cfg, gen, progress, teacher, finetune_out):
+def _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, progress, teacher, finetune_out):
     """Trigger-free mode's verify-and-repeat: search the flagged class's trigger again on the fine-tuned model.
 
     Unlearning makes a model immune to the triggers it was shown, while the real one can survive (a reverse-engineered
     patch is rarely the attacker's). So after fine-tuning, the flagged class alone (cheap: one class's rows) is searched
-    again; while its smallest working trigger is still anomalously small next to the other classes' sizes from the
-    first search, the new triggers join the unlearning mix and fine-tuning runs again. Returns (rechecks, the last
-    fine-tuning outcome); each recheck is {"round", "size", "anomaly_index", "repeated"}.
+    again in every family; each new size gets an anomaly index against the other classes' sizes of its family from
+    the first search. While one is above the threshold, the new triggers join the unlearning mix and fine-tuning runs
+    again. Returns (rechecks, the last fine-tuning outcome); each recheck is {"round", "size", "anomaly_index",
+    "repeated"} for the family with the largest index (and "family").
     """
     rechecks = []
-    target, col = detection.target, family.column(detection.target)
+    target = detection.target
     for rnd in range(1, cfg.recheck_rounds + 1):
-        again = synthesize(net, train.images, train.labels, len(family.sizes[0]), family.family,
-                           steps=cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen, progress=progress,
-                           classes=[target])
-        sizes = family.class_sizes().clone()
-        sizes[col] = again.class_sizes()[0]
-        index = float(anomaly_index(sizes)[col])
+        found = []
+        for family in families:
+            col = family.column(target)
+            again = synthesize(net, train.images, train.labels, len(family.sizes[0]), family.family,
+                               steps=cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen, progress=progress,
+                               classes=[target])
+            sizes = family.class_sizes().clone()
+            sizes[col] = again.class_sizes()[0]
+            found.append((float(anomaly_index(sizes)[col]), float(sizes[col]), family.family, again))
+        index, size, name, _ = max(found, key=lambda f: f[0])
         repeat = index > cfg.anomaly_threshold
-        rechecks.append({"round": rnd, "size": round(float(sizes[col]), 5), "anomaly_index": round(index, 4),
+        rechecks.append({"round": rnd, "family": name, "size": round(size, 5), "anomaly_index": round(index, 4),
                          "repeated": repeat})
         if not repeat:
             break
+        # the new triggers of the family that is still anomalous join the mix
+        again = next(f[3] for f in found if f[2] == name)
         unlearn = TriggerMix(unlearn.triggers + unlearning_trigger(again, target, gen).triggers, gen)
         finetune_out = finetune(net, masks, train, unlearn, val, triggered_copy(val, unlearn), cfg, progress, gen,
                                 teacher)
@@ -177,10 +185,10 @@ def run_sanitize(
 
     detection, synthesized, measure_with, rechecks = None, [], trigger, []
     if trigger is None:
-        detection, family = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
-        synthesized = family.triggers(detection.target)
-        measure_with = _best_restart(family, detection.target)
-        unlearn = unlearning_trigger(family, detection.target, gen)
+        detection, families = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
+        synthesized = [t for res in families for t in res.triggers(detection.target)]  # flagging family first
+        measure_with = _best_restart(families[0], detection.target)
+        unlearn = unlearning_trigger(families[0], detection.target, gen)
     else:
         unlearn = trigger
 
@@ -193,7 +201,7 @@ def run_sanitize(
         if "finetune" in cfg.stages:
             finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
             if detection is not None:
-                rechecks, finetune_out = _recheck(net, masks, train, val, unlearn, family, detection, cfg, gen,
+                rechecks, finetune_out = _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen,
                                                   progress, teacher, finetune_out)
         masks.apply()
     progress.close()
@@ -220,8 +228,8 @@ def run_sanitize(
         "gradient_passes": prune_out.passes if prune_out else 0,
         "finetune_epochs": finetune_out.epochs if finetune_out else 0,
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
-        # one search per family over every class, then one over the flagged class per recheck
-        "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * (len(FAMILIES) + len(rechecks)) if trigger is None
+        # one search per family over every class, then one per family over the flagged class per recheck
+        "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) * (1 + len(rechecks)) if trigger is None
         else 0,
         "evaluated_on": evaluated_on,
         "evaluated_images": len(data),

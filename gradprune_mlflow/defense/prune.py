@@ -73,7 +73,7 @@ def prune(
     step_size = 1 if paper else max(1, round(cfg.step_fraction * masks.total))
     since_best, step, reported = 0, 0, 0
     progress.phase("pruning", limit)
-    while masks.count < limit and since_best < cfg.resolved_patience():
+    while masks.count < limit and since_best < cfg.resolved("prune_patience"):
         unlearning_gradients(net, train_triggered, cfg.batch_size)
         out.passes += 1
         ranked = ranked_filters(masks, importance, layer_norm=not paper)
