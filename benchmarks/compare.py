@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [r for r in rows if r["defense"] in defenses]
     command = " ".join(argv if argv is not None else sys.argv[1:])
+    seeds = ", ".join(sorted({str(r["seed"]) for r in rows}))
     header = [
         f"Last written by: `.venv/bin/python benchmarks/compare.py {command}`"
         f" (the CSV keeps the rows of every earlier run of this preset; {len(rows)} rows here)  ",
         f"Device: {sorted({r['device'] for r in rows})}; written {date.today()}. Percentages on "
-        f"{preset.test_images or 10_000} Fashion-MNIST test images; mean ± std over seeds "
-        f"{', '.join(map(str, preset.seeds))}. Defense options: {preset.options or 'none'}.",
+        f"{preset.test_images or 10_000} Fashion-MNIST test images; mean ± std over the "
+        f"seeds in the rows ({seeds}). Defense options: {preset.options or 'none'}.",
         "", "## Goals (largest clean budget)", "", tables.goals_markdown(rows), "",
         "## What pruning adds over unlearning fine-tuning alone", "", tables.pruning_worth(rows), "",
         "## Tables", "",

@@ -5,7 +5,7 @@
 Trains (or reuses, from benchmarks/cache) a small CNN on the attacker's 50,000 images with 10% poison, draws a trusted
 set of `--per-class` images per class from the other 10,000, runs `gradprune_mlflow.sanitize` and measures on the
 10,000 test images with the real trigger (evaluation only: it never reaches the defense). Writes
-benchmarks/results/quality.csv and quality.md.
+benchmarks/results/quality-seedN.csv and .md (N = --seed).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def _fmt(row: dict) -> str:
 
 def _write(args, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "quality.csv").open("w", newline="") as fh:
+    stem = args.out / f"quality-seed{args.seed}"
+    with stem.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -98,8 +99,8 @@ def _write(args, rows: list[dict]) -> None:
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
     ] + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'quality.csv'} and {args.out / 'quality.md'}")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.csv and {stem}.md")
 
 
 if __name__ == "__main__":
