@@ -137,14 +137,13 @@ def _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, pro
             sizes = family.class_sizes().clone()
             sizes[col] = again.class_sizes()[0]
             found.append((float(anomaly_index(sizes)[col]), float(sizes[col]), family.family, again))
-        index, size, name, _ = max(found, key=lambda f: f[0])
+        index, size, name, again = max(found, key=lambda f: f[0])
         repeat = index > cfg.anomaly_threshold
         rechecks.append({"round": rnd, "family": name, "size": round(size, 5), "anomaly_index": round(index, 4),
                          "repeated": repeat})
         if not repeat:
             break
         # the new triggers of the family that is still anomalous join the mix
-        again = next(f[3] for f in found if f[2] == name)
         unlearn = TriggerMix(unlearn.triggers + unlearning_trigger(again, target, gen).triggers, gen)
         finetune_out = finetune(net, masks, train, unlearn, val, triggered_copy(val, unlearn), cfg, progress, gen,
                                 teacher)
