@@ -143,7 +143,8 @@ def test_anp_refuses_a_model_without_batchnorm(clean_set):
 
 
 def test_neural_cleanse_reports_its_detection(badnets_cnn, clean_set):
-    out = neural_cleanse.neural_cleanse(badnets_cnn, clean_set, None, 0)
+    # A short search: this checks what the defense does with its detection, not how good the detection is.
+    out = neural_cleanse.neural_cleanse(badnets_cnn, clean_set, None, 0, steps=60)
     assert set(out.info) >= {"flagged", "detected_target", "anomaly_index"}
     assert out.info["flagged"] == (out.info["anomaly_index"] > neural_cleanse.MAD_THRESHOLD)
     untouched = all(torch.equal(a, b) for a, b in zip(out.model.state_dict().values(),

@@ -66,7 +66,7 @@ def test_help_lists_sanitize_and_its_flags(runner):
     sub = runner.invoke(app, ["sanitize", "--help"])
     assert sub.exit_code == 0
     for flag in ("--clean-data", "--test-data", "--trigger", "--eval-trigger", "--out", "--mode", "--device",
-                 "--seed", "--on-clean"):
+                 "--seed", "--on-clean", "--set"):
         assert flag in sub.stdout
 
 
@@ -78,6 +78,10 @@ def test_help_lists_sanitize_and_its_flags(runner):
         (["sanitize", "m.pt", "--clean-data", "d", "--device", "tpu"], "'tpu' is not one of"),
         (["sanitize", "m.pt", "--clean-data", "d", "--seed", "x"], "--seed"),
         (["sanitize", "m.pt", "--clean-data", "d", "--frobnicate"], "No such option: --frobnicate"),
+        (["sanitize", "m.pt", "--clean-data", "d", "--set", "finetune_epochs"], "--set takes KEY=VALUE"),
+        (["sanitize", "m.pt", "--clean-data", "d", "--set", "finetune_epochs=0"], "finetune_epochs must be"),
+        (["sanitize", "m.pt", "--clean-data", "d", "--set", "warp=9"], "unknown setting(s) ['warp']"),
+        (["sanitize", "m.pt", "--clean-data", "d", "--set", "mode=paper"], "use --mode instead"),
         (["nonsense"], "No such command 'nonsense'"),
     ],
 )
@@ -180,13 +184,16 @@ def test_full_sanitize_writes_report_and_a_loadable_model(tmp_path, badnets_cnn,
     out = tmp_path / "out"
     done = gradprune("sanitize", str(tmp_path / "badnets.pt"), "--clean-data", str(clean_set_dir),
                      "--trigger", str(tmp_path / "patch.json"), "--eval-trigger", str(tmp_path / "patch.json"),
-                     "--out", str(out), "--mode", "fast", "--device", "cpu", "--seed", "0")
+                     "--out", str(out), "--mode", "fast", "--device", "cpu", "--seed", "0",
+                     "--set", "finetune_epochs=12", "--set", "max_prune_fraction=0.2")
     assert done.returncode == 0, done.stderr
     assert "attack success rate" in done.stdout and str(out / "report.json") in done.stdout
 
     report = json.loads((out / "report.json").read_text())
     assert SCHEMA_1_KEYS <= set(report)
     assert report["schema"] == 1 and report["mode"] == "fast" and report["device"] == "cpu"
+    assert report["config"]["finetune_epochs"] == 12 and report["config"]["max_prune_fraction"] == 0.2
+    assert report["finetune_epochs"] <= 12
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "eval"
     assert report["detection"] is None and report["evaluated_on"] == "validation"
     for when in ("before", "after"):

@@ -97,7 +97,7 @@ def test_a_worker_killed_mid_run_is_finished_by_the_next_scan(env):
     (version,) = _register(env, "killed-cnn", 1)
     # Long fine-tuning keeps the worker busy until it is killed in the middle of the defense.
     long_run = {"finetune_epochs": 500, "finetune_patience": 500}
-    proc = _scan_process("killed-cnn", long_run, env["work"] / "killed.log", GRADPRUNE_LEASE_SECONDS="15")
+    proc = _scan_process("killed-cnn", long_run, env["work"] / "killed.log", GRADPRUNE_LEASE_SECONDS="9")
     leases, dead = set(), None
     try:
         deadline = time.monotonic() + 600

@@ -50,15 +50,24 @@ def sanitize_command(
     on_clean: Annotated[Literal["skip", "sanitize"], typer.Option(
         "--on-clean", help="When no backdoor is flagged: skip writes no model; sanitize unlearns the top "
                            "candidate anyway.")] = "skip",
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a sanitizer setting (repeatable; see SanitizeConfig), e.g. "
+                                           "--set finetune_epochs=10.")] = None,
 ) -> None:
     """Remove a backdoor from MODEL; writes DIR/report.json, DIR/pruning_history.json and the model DIR/model."""
     import gradprune_mlflow
     from gradprune_mlflow.cli.progress import terminal_progress
+    from gradprune_mlflow.cli.registry import parse_settings
     from gradprune_mlflow.config import SanitizeConfig
     from gradprune_mlflow.defense.triggers import load_trigger
+    from gradprune_mlflow.errors import BadInput
     from gradprune_mlflow.models.io import load_model
 
-    config = SanitizeConfig(mode=mode, device=device, seed=seed, on_clean=on_clean).validated()
+    overrides = parse_settings(settings)
+    own = sorted(set(overrides) & {"mode", "device", "seed", "on_clean"})
+    if own:  # one place per setting: otherwise --set mode=paper would lose silently to --mode's default
+        raise BadInput(f"--set {own[0]}=...: use --{own[0].replace('_', '-')} instead")
+    config = SanitizeConfig(mode=mode, device=device, seed=seed, on_clean=on_clean).with_overrides(**overrides)
     # Cheap checks first: triggers, then the data (validated before any model is touched), then the model.
     known = load_trigger(trigger) if trigger else None
     evaluation = load_trigger(eval_trigger) if eval_trigger else None

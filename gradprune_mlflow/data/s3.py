@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from gradprune_mlflow.errors import DataError, GradpruneError
 
 _COMPLETE = ".complete.json"
 _WORKERS = 8
+_CLIENTS: dict[tuple, object] = {}
+_CLIENTS_LOCK = threading.Lock()
 
 
 class S3Unavailable(GradpruneError):
@@ -65,11 +68,21 @@ def parse_s3_uri(uri: str) -> S3Location:
 
 
 def s3_client():
-    """A boto3 S3 client: standard credential chain, endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)  # the standard variable, honoured; 5 when unset
-    config = Config(retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=_WORKERS * 2)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    """A boto3 S3 client: standard credential chain, endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL.
+
+    Clients are reused while every AWS_* variable (endpoint, credentials, profile, region, attempts) is unchanged:
+    building one costs about 0.25 s (botocore loads its service model), more than a whole version that ends early.
+    boto3 clients are thread-safe; sessions are not, so building happens under a lock.
+    """
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+            attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)  # the standard variable, honoured; 5 when unset
+            config = Config(retries={"max_attempts": attempts, "mode": "standard"},
+                            max_pool_connections=_WORKERS * 2)
+            _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        return _CLIENTS[key]
 
 
 def default_cache_dir() -> Path:

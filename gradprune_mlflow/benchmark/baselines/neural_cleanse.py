@@ -33,12 +33,16 @@ STAMP_FRACTION, MAD_THRESHOLD = 0.2, 2.0
 
 
 @register("neural-cleanse", uses_trigger=False, summary="Neural Cleanse: reversed patch trigger, MAD flag, unlearning")
-def neural_cleanse(model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int) -> Defended:
+def neural_cleanse(
+    model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int, steps: int | None = None
+) -> Defended:
+    """NC; `steps` (default: Grad-Prune's `synth_steps`) is lowered only by tests that check the plumbing."""
     train, val = clean.split(0.1, seed)
     work = copy.deepcopy(model).float().eval()
     net = Normalized(work, clean.meta.mean, clean.meta.std).to(_device(work))
     cfg, gen = SanitizeConfig(), torch.Generator().manual_seed(seed)
-    found = synthesize(net, train.images, train.labels, clean.meta.num_classes, "patch", steps=cfg.synth_steps,
+    found = synthesize(net, train.images, train.labels, clean.meta.num_classes, "patch",
+                       steps=steps or cfg.synth_steps,
                        restarts=cfg.synth_restarts, generator=gen, progress=SilentProgress())
     det = detect([found], MAD_THRESHOLD)
     info = {"flagged": det.flagged, "detected_target": det.target, "anomaly_index": round(det.anomaly_index, 3)}
