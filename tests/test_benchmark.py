@@ -126,7 +126,7 @@ def test_last_feature_map_of_a_residual_net_is_its_pooling():
 
 def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_set, fashion_test):
     trigger = lab.attack_trigger("badnets")
-    out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=200)
+    out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=100)
     zeroed = sum(int((m.weight == 0).sum()) for m in out.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert out.info["pruned"] > 0 and zeroed == out.info["pruned"]
     norm = (clean_set.meta.mean, clean_set.meta.std)

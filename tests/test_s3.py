@@ -18,6 +18,7 @@ from gradprune_mlflow.data.s3 import (
     parse_s3_uri,
     push_clean_set,
     push_object,
+    s3_client,
 )
 from gradprune_mlflow.errors import DataError
 
@@ -138,6 +139,16 @@ def test_the_service_specific_endpoint_wins(small_set, endpoint, monkeypatch, tm
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     push_clean_set(small_set, f"s3://{BUCKET}/sets/endpoint")
     assert fetch_clean_set(f"s3://{BUCKET}/sets/endpoint", tmp_path).is_dir()
+
+
+def test_a_client_is_reused_until_an_aws_setting_changes(monkeypatch):
+    first = s3_client()
+    assert s3_client() is first
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    moved = s3_client()
+    assert moved is not first and moved.meta.endpoint_url == "http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")
+    assert s3_client() is not moved  # new credentials: a new client, never the old one's
 
 
 def test_an_unreachable_endpoint_is_reported_as_s3_unavailable(monkeypatch, tmp_path):
