@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 from registry_helpers import register_pyfunc_version, register_unsafe_version, snapshot
-from services import registry_stack
+from services import patched_env, registry_stack
 from typer.testing import CliRunner
 
 from flows.sanitize import sanitize_model_version
@@ -45,7 +45,8 @@ def registry(tmp_path_factory, prefect_harness, clean_set_dir, badnets_cnn):
     """Registered models: GOOD (two BadNets versions, known trigger, test set), a model with a clean set too small
     to pass validation, one whose pickle runs code, and one of another flavor."""
     work = tmp_path_factory.mktemp("flows")
-    with registry_stack(work / "mlflow") as stack:
+    # One process claims here, so a short settle delay is enough (test_concurrency.py races with the default 1 s).
+    with registry_stack(work / "mlflow") as stack, patched_env({"GRADPRUNE_CLAIM_SETTLE_SECONDS": "0.2"}):
         bucket = f"s3://{stack.data_bucket}"
         push_clean_set(clean_set_dir, f"{bucket}/fashion")
         push_clean_set(lab.trusted_clean_set(work / "tiny", per_class=3), f"{bucket}/tiny")
