@@ -70,6 +70,8 @@ class SanitizeConfig:
     synth_restarts: int = 2
     # A class is flagged when its anomaly index (median absolute deviation) exceeds this.
     anomaly_threshold: float = 2.0
+    # The flagged class is also unlearned with another family's triggers when its index there exceeds this.
+    companion_threshold: float = 1.5
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
     recheck_rounds: int = 2

@@ -6,8 +6,11 @@ import math
 
 import torch
 
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.defense.pipeline import unlearning_mix
+from gradprune_mlflow.defense.synthesis import FamilyResult
 from gradprune_mlflow.defense.triggers import MaskTrigger
-from gradprune_mlflow.defense.unlearning import RandomFill, TriggerMix
+from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix
 
 
 def region(h: int = 8, w: int = 8) -> torch.Tensor:
@@ -45,3 +48,37 @@ def test_trigger_mix_gives_each_image_one_of_its_triggers():
     out = TriggerMix([a, b], torch.Generator().manual_seed(0)).apply(torch.full((200, 1, 4, 4), 0.5))
     black, white = (out == 0).flatten(1).all(1), (out == 1).flatten(1).all(1)
     assert (black ^ white).all() and 50 < black.sum() < 150
+
+
+def test_noise_blend_draws_fresh_noise_per_image_within_its_strength_range():
+    x = torch.full((500, 1, 8, 8), 0.5)
+    out = NoiseBlend(0, torch.Generator().manual_seed(0)).apply(x)
+    assert out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out[0], out[1])  # not one fixed pattern
+    # |x' - x| = alpha |noise - 0.5| <= alpha / 2, and the largest per-image change comes close to it
+    change = (out - x).abs().flatten(1).amax(1)
+    assert change.max() <= 0.15 + 1e-6 and change.min() > 0.04
+    assert change.max() - change.min() > 0.05  # strength varies from image to image
+
+
+def _family(name: str, sizes: list[float]) -> FamilyResult:
+    k = len(sizes)
+    return FamilyResult(name, torch.tensor([sizes]), torch.ones(1, k, dtype=torch.bool), torch.rand(1, k, 1, 4, 4),
+                        torch.rand(1, k, 1, 4, 4))
+
+
+def test_the_mix_adds_another_family_only_where_the_target_stands_out_there_too():
+    """Class 0 is flagged in the patch family; the blend family joins (with an equal share and fresh noise) only
+    when class 0's anomaly index in it is above companion_threshold."""
+    patch = _family("patch", [0.01, 0.08, 0.07, 0.09, 0.075, 0.085])
+    low = _family("blend", [0.22, 0.24, 0.20, 0.23, 0.21, 0.25])  # class 0 ordinary here
+    high = _family("blend", [0.08, 0.24, 0.20, 0.23, 0.21, 0.25])  # class 0 smallest here too
+    gen = torch.Generator().manual_seed(0)
+    alone = unlearning_mix([patch, low], 0, SanitizeConfig(), gen)
+    assert {t.kind for t in alone.triggers} <= {"mask", "random-fill"}  # patch parts only
+    both = unlearning_mix([patch, high], 0, SanitizeConfig(), gen)
+    assert [t.kind for t in both.triggers] == ["mix", "mix"]  # one equal share per family
+    blend_kinds = [t.kind for t in both.triggers[1].triggers]
+    assert blend_kinds.count("noise-blend") == 1 and blend_kinds.count("mask") == 3  # one restart: 3 strengths + noise
+    off = unlearning_mix([patch, high], 0, SanitizeConfig(companion_threshold=99), gen)
+    assert [t.kind for t in off.triggers] == [t.kind for t in alone.triggers]
