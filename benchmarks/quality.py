@@ -39,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="small_cnn")
     ap.add_argument("--epochs", type=int, default=5, help="attacker's training epochs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--defense-seed", type=int, help="the defense's seed (its validation split and random draws); "
+                    "default --seed. Another value gives the same model and trusted set a second, independent run")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
+    if args.defense_seed is None:
+        args.defense_seed = args.seed
     test = lab.test_data()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in args.runs:
                 known, mode = RUNS[run]
                 start = time.perf_counter()
-                result = sanitize(model, clean, trigger if known else None, mode=mode, seed=args.seed,
+                result = sanitize(model, clean, trigger if known else None, mode=mode, seed=args.defense_seed,
                                   eval_trigger=trigger, test_set=test, on_clean="sanitize")
                 rows.append(_row(attack, run, result.report, time.perf_counter() - start))
                 print(_fmt(rows[-1]), flush=True)
@@ -86,6 +90,8 @@ def _fmt(row: dict) -> str:
 def _write(args, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"quality-seed{args.seed}"
+    if args.defense_seed != args.seed:
+        stem = stem.with_name(f"{stem.name}-defense{args.defense_seed}")
     with stem.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -94,7 +100,8 @@ def _write(args, rows: list[dict]) -> None:
     lines = [
         f"Command: `.venv/bin/python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, CPU; date {date.today()}; "
-        f"{args.arch}, {args.per_class} trusted images per class, seed {args.seed}, 10,000 test images.",
+        f"{args.arch}, {args.per_class} trusted images per class, seed {args.seed} "
+        f"(defense seed {args.defense_seed}), 10,000 test images.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),

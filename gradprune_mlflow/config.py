@@ -72,6 +72,9 @@ class SanitizeConfig:
     anomaly_threshold: float = 2.0
     # The flagged class is also unlearned with another family's triggers when its index there exceeds this.
     companion_threshold: float = 1.5
+    # Fresh uniform noise joins the blend family's unlearning triggers when noise alone (strength 0.2) sends more than
+    # this fraction of the other classes' trusted images to the flagged class.
+    noise_threshold: float = 0.5
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
     recheck_rounds: int = 2

@@ -198,7 +198,9 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         report = result.report
         assert result.model is not None and report["sanitized"] is True
         assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "eval"
-        assert {"target", "anomaly_index", "flagged", "rechecks"} <= set(report["detection"])
+        assert {"target", "anomaly_index", "flagged", "rechecks", "noise_response"} <= set(report["detection"])
+        # a BadNets model: noise alone does not send images to the target, so no fresh noise is unlearned
+        assert 0.0 <= report["detection"]["noise_response"] < 0.5
         rechecks = report["detection"]["rechecks"]
         # At least one search of the flagged class after fine-tuning; another only while it is still anomalous.
         assert 1 <= len(rechecks) <= 2 and [r["round"] for r in rechecks] == list(range(1, len(rechecks) + 1))

@@ -23,7 +23,7 @@ from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.prune import prune
 from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger, check_trigger_fits
-from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, triggered_copy
+from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, noise_response, triggered_copy
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
 
 SCHEMA = 1
@@ -80,7 +80,8 @@ def compact_windows(mask: torch.Tensor) -> list[torch.Tensor]:
     return windows
 
 
-def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Generator) -> TriggerMix:
+def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Generator,
+                       noise: bool = True) -> TriggerMix:
     """What trigger-free mode unlearns with for one family: the synthesized triggers plus versions closer to real ones.
 
     Patch: compact windows where each synthesized mask is densest, filled with the synthesized pattern and with
@@ -95,11 +96,13 @@ def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Gener
                 parts += [RandomFill(target, window, generator), MaskTrigger(target, window, trig.pattern)]
         else:
             parts += [MaskTrigger(target, trig.mask * s, trig.pattern, source=trig.source) for s in (0.5, 1.5)]
-            parts.append(NoiseBlend(target, generator))
+            if noise:
+                parts.append(NoiseBlend(target, generator))
     return TriggerMix(parts, generator)
 
 
-def unlearning_mix(families: list[FamilyResult], target: int, cfg: SanitizeConfig, gen: torch.Generator) -> TriggerMix:
+def unlearning_mix(families: list[FamilyResult], target: int, cfg: SanitizeConfig, gen: torch.Generator,
+                   noise: bool = True) -> TriggerMix:
     """The flagging family's unlearning triggers, plus those of every other family where the target class's anomaly
     index is above `cfg.companion_threshold`; each family then gets an equal share of the images.
 
@@ -112,8 +115,8 @@ def unlearning_mix(families: list[FamilyResult], target: int, cfg: SanitizeConfi
     chosen = [families[0]] + [f for f in families[1:]
                               if float(anomaly_index(f.class_sizes())[f.column(target)]) > cfg.companion_threshold]
     if len(chosen) == 1:
-        return unlearning_trigger(chosen[0], target, gen)
-    return TriggerMix([unlearning_trigger(f, target, gen) for f in chosen], gen)
+        return unlearning_trigger(chosen[0], target, gen, noise)
+    return TriggerMix([unlearning_trigger(f, target, gen, noise) for f in chosen], gen)
 
 
 def _synthesized(
@@ -134,7 +137,8 @@ def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
     return result.triggers(k)[int(result.sizes[:, result.column(k)].argmin())]
 
 
-def _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, progress, teacher, finetune_out):
+def _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, progress, teacher, finetune_out,
+             noise):
     """Trigger-free mode's verify-and-repeat: search the flagged class's trigger again on the fine-tuned model.
 
     Unlearning makes a model immune to the triggers it was shown, while the real one can survive (a reverse-engineered
@@ -163,7 +167,7 @@ def _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, pro
         if not repeat:
             break
         # the new triggers of the family that is still anomalous join the mix, with an equal share
-        unlearn = TriggerMix(unlearn.triggers + [unlearning_trigger(again, target, gen)], gen)
+        unlearn = TriggerMix(unlearn.triggers + [unlearning_trigger(again, target, gen, noise)], gen)
         finetune_out = finetune(net, masks, train, unlearn, val, triggered_copy(val, unlearn), cfg, progress, gen,
                                 teacher)
     return rechecks, finetune_out
@@ -201,12 +205,15 @@ def run_sanitize(
     teacher = copy.deepcopy(net).eval()
     masks = FilterMasks(work, torch.zeros(1, *meta.input_shape, device=device))
 
-    detection, synthesized, measure_with, rechecks = None, [], trigger, []
+    detection, synthesized, measure_with, rechecks, response = None, [], trigger, [], None
     if trigger is None:
         detection, families = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
         synthesized = [t for res in families for t in res.triggers(detection.target)]  # flagging family first
         measure_with = _best_restart(families[0], detection.target)
-        unlearn = unlearning_mix(families, detection.target, cfg, gen)
+        # Fresh noise is unlearned only where noise itself works as the trigger (see noise_response).
+        response = noise_response(net, train, detection.target, cfg.seed)
+        noise = response > cfg.noise_threshold
+        unlearn = unlearning_mix(families, detection.target, cfg, gen, noise)
     else:
         unlearn = trigger
 
@@ -220,7 +227,7 @@ def run_sanitize(
             finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
             if detection is not None:
                 rechecks, finetune_out = _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen,
-                                                  progress, teacher, finetune_out)
+                                                  progress, teacher, finetune_out, noise)
         masks.apply()
     progress.close()
 
@@ -236,7 +243,8 @@ def run_sanitize(
         "seconds": round(time.perf_counter() - start, 3),
         "trigger_source": "known" if trigger is not None else "synthesized",
         "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
-        "detection": {**detection.to_report(), "rechecks": rechecks} if detection else None,
+        "detection": {**detection.to_report(), "rechecks": rechecks, "noise_response": round(response, 4)}
+        if detection else None,
         "before": before,
         "after": after,
         "sanitized": not skipped,
