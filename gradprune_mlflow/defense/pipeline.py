@@ -85,8 +85,8 @@ def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Gener
     """What trigger-free mode unlearns with for one family: the synthesized triggers plus versions closer to real ones.
 
     Patch: compact windows where each synthesized mask is densest, filled with the synthesized pattern and with
-    random values (per-pixel noise or one solid value per image). Blend: the pattern at half and 1.5x strength, and
-    fresh uniform noise at strength 0.1-0.3 (NoiseBlend: what the blend-trained models measured here answered to).
+    random values (per-pixel noise or one solid value per image). Blend: the pattern at half and 1.5x strength and,
+    when `noise`, fresh uniform noise at strength 0.1-0.3 (NoiseBlend: what the Blend models here answered to).
     """
     parts: list[Trigger] = []
     for trig in result.triggers(target):
