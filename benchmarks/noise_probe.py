@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/noise_probe.py
 
-Trigger-free mode unlearns fresh noise only where `noise_response` (gradprune_mlflow/defense/unlearning.py) is above
-`noise_threshold` (0.5). This prints that response, on the trusted training split the defense itself sees, for the
+Trigger-free mode flags a class, and unlearns fresh noise, where the noise probe (`noise_responses`,
+gradprune_mlflow/defense/probes.py) is above `noise_threshold` (0.5). This prints that response, on the trusted
+training split the defense itself sees, for the
 benchmark's cached small CNNs (clean, BadNets, Blend, SIG; trained or loaded from benchmarks/cache) and the tiny
 ResNet, at the target (class 0), and for the class noise sends the most images to. Forward passes only: seconds,
 once the models are cached (training one takes about a minute).
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from gradprune_mlflow import lab
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.unlearning import noise_response
+from gradprune_mlflow.defense.probes import noise_responses
 
 HERE = Path(__file__).parent
 
@@ -33,7 +34,7 @@ def main() -> int:
         clean = lab.trusted_set(100, seed)
         train, _ = clean.split(0.1, seed)
         net = Normalized(model, clean.meta.mean, clean.meta.std).eval()
-        rates = [noise_response(net, train, k, seed) for k in range(clean.meta.num_classes)]
+        rates = noise_responses(net, train, clean.meta.num_classes, seed)
         top = max(range(len(rates)), key=rates.__getitem__)
         print(f"{arch + ' ' + attack:25s} {seed:4d}  {100 * rates[0]:9.1f}%  {100 * rates[top]:6.1f}% ({top})")
     return 0

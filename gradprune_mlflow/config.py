@@ -68,12 +68,17 @@ class SanitizeConfig:
     # --- trigger synthesis (trigger-free mode) ---
     synth_steps: int = 200
     synth_restarts: int = 2
-    # A class is flagged when its anomaly index (median absolute deviation) exceeds this.
+    # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
+    # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).
     anomaly_threshold: float = 2.0
+    relative_size: float = 0.5
+    # A class is flagged when a tiny square (at most 2% of the image) sends this fraction of the other classes'
+    # images to it.
+    patch_threshold: float = 0.9
     # The flagged class is also unlearned with another family's triggers when its index there exceeds this.
     companion_threshold: float = 1.5
-    # Fresh uniform noise joins the blend family's unlearning triggers when noise alone (strength 0.2) sends more than
-    # this fraction of the other classes' trusted images to the flagged class.
+    # A class is flagged when uniform noise alone (strength 0.2) sends more than this fraction of the other classes'
+    # trusted images to it; fresh noise then joins the blend family's unlearning triggers.
     noise_threshold: float = 0.5
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.

@@ -191,15 +191,20 @@ def test_accuracies_are_measured_on_validation_without_test_data(known_pair, bad
 
 
 def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, small_set):
-    runs = [sanitize(badnets_cnn, small_set, None, eval_trigger=ev, on_clean="sanitize", synth_steps=10,
-                     synth_restarts=1, seed=5, **SMALL)
+    # on_clean is left at "skip". Ten steps (seed 3) put a mask next to the real patch, where a white 4x4 square sent
+    # 88% of images to class 0 when measured: a lowered patch_threshold lets the probe flag it, which runs the
+    # probe's unlearning path. (test_synthesis checks the probe at the default threshold and 200 steps.)
+    runs = [sanitize(badnets_cnn, small_set, None, eval_trigger=ev, synth_steps=10, synth_restarts=1, seed=3,
+                     patch_threshold=0.5, **SMALL)
             for ev in (PatchTrigger(0, location="bottom-right"), BlendTrigger(0, alpha=0.2))]
     for result in runs:
         report = result.report
         assert result.model is not None and report["sanitized"] is True
         assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "eval"
-        assert {"target", "anomaly_index", "flagged", "rechecks", "noise_response"} <= set(report["detection"])
-        # a BadNets model: noise alone does not send images to the target, so no fresh noise is unlearned
+        assert {"target", "anomaly_index", "flagged", "flagged_by", "probes", "rechecks",
+                "noise_response"} <= set(report["detection"])
+        # a tiny square at the real patch flags class 0; noise alone does not send images there (no fresh noise)
+        assert report["detection"]["flagged_by"] == "patch_probe" and report["detection"]["target"] == 0
         assert 0.0 <= report["detection"]["noise_response"] < 0.5
         rechecks = report["detection"]["rechecks"]
         # At least one search of the flagged class after fine-tuning; another only while it is still anomalous.
@@ -210,7 +215,9 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         # both families over every class first, then both families over the flagged class per recheck
         assert report["synthesis_steps"] == 10 * 1 * 2 * (1 + len(rechecks))
         # the flagged class's synthesized triggers of both families are returned, the flagging family's first
+        # (after the patch probe's square, which is what flagged the class and what ASR is measured with)
         sources = [t.source for t in result.triggers]
+        assert sources.pop(0) == f"probe-{max(report['detection']['probes']['patch'], key=lambda h: h['best'])['fill']}"
         assert sources[0] == f'synthesized-{report["detection"]["family"]}'
         assert set(sources) == {"synthesized-patch", "synthesized-blend"}
     assert_changed(runs[0].model, badnets_cnn)
@@ -221,19 +228,20 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
 
 def test_trigger_free_on_a_clean_model_with_skip(clean_cnn, clean_set):
     """Nothing to find: with on_clean='skip' no model is written and the report says so."""
-    result = sanitize(clean_cnn, subset(clean_set, 50), None, device="cpu", on_clean="skip", synth_steps=60,
-                      synth_restarts=1, finetune_epochs=2)
+    # (with these settings the top class's anomaly index has come out above 2: the old rule flagged this model)
+    result = sanitize(clean_cnn, subset(clean_set, 30), None, device="cpu", on_clean="skip", synth_steps=10,
+                      synth_restarts=1, finetune_epochs=2, seed=5)
     report, detection = result.report, result.report["detection"]
     print(f"clean model: detection {detection['family']} class {detection['target']} "
           f"anomaly index {detection['anomaly_index']} flagged {detection['flagged']}")
     assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "synthesized"
-    assert detection["flagged"] is (detection["anomaly_index"] > 2.0)
-    if not detection["flagged"]:
-        assert result.model is None and report["sanitized"] is False
-        assert report["after"] is None and report["pruned_filters"] == 0 and report["gradient_passes"] == 0
-        assert 0.0 <= report["before"]["clean_accuracy"] <= 1.0
-    else:  # documented: a flagged model is sanitized with the synthesized trigger whatever on_clean says
-        assert result.model is not None and report["sanitized"] is True and report["after"] is not None
+    # no probe finds a trigger on a clean model, and an anomaly index alone (its top class can pass 2) flags nothing
+    assert detection["flagged"] is False and detection["flagged_by"] is None
+    assert max(h["best"] for h in detection["probes"]["patch"]) < 0.9
+    assert max(detection["probes"]["noise"]) <= 0.5
+    assert result.model is None and report["sanitized"] is False
+    assert report["after"] is None and report["pruned_filters"] == 0 and report["gradient_passes"] == 0
+    assert 0.0 <= report["before"]["clean_accuracy"] <= 1.0
 
 
 # --- bad inputs ---

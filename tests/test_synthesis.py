@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import patch_probe
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.synthesis import FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
@@ -128,6 +129,11 @@ def test_badnets_target_has_the_smallest_patch_trigger(net, clean_set):
     sizes = res.class_sizes()
     found = detect([res], threshold=2.0)
     assert int(sizes.argmin()) == 0 or (found.flagged and found.target == 0), sizes.tolist()
+    # and the patch probe confirms it: a tiny square where class 0's mask is densest sends >= 90% of the other
+    # classes' images there (what flags a class since the sixth session), and no other class gets there
+    hits = patch_probe(net, clean_set.as_split(), res)
+    print([(h.target, round(h.best, 3), h.fill, h.window) for h in hits])
+    assert hits[0].best >= 0.9 and all(h.best < 0.9 for h in hits[1:])
 
 
 def test_synthesize_a_subset_of_classes_keeps_their_class_ids(net, clean_set):

@@ -156,7 +156,8 @@ def _facts(report: dict[str, Any]) -> list[str]:
     lines = []
     det = report.get("detection")
     if det:
-        flag = "flagged" if det.get("flagged") else "not flagged"
+        by = det.get("flagged_by")
+        flag = ("flagged" + (f" by the {by.replace('_', ' ')}" if by else "")) if det.get("flagged") else "not flagged"
         lines.append(f"detection: class {det.get('target')} {flag} (anomaly index {_num(det.get('anomaly_index'))})")
     lines.append(f"trigger: {report.get('trigger_source', '?')}; attack measured with "
                  f"{report.get('asr_measured_with', '?')} trigger; evaluated on {report.get('evaluated_on', '?')}")

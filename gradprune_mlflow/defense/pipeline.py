@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
@@ -19,11 +18,12 @@ from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.metrics import evaluate
 from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import PatchHit, densest_square, find_backdoor, square
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.prune import prune
-from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
+from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger, check_trigger_fits
-from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, noise_response, triggered_copy
+from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, triggered_copy
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
 
 SCHEMA = 1
@@ -72,11 +72,7 @@ def compact_windows(mask: torch.Tensor) -> list[torch.Tensor]:
     k = int(max(2, min(min(h, w) // 2, round(float(mask.sum()) ** 0.5))))
     windows = []
     for size in (k, k + 1):
-        density = F.avg_pool2d(mask.reshape(1, 1, h, w), size, stride=1)[0, 0]
-        top, left = divmod(int(density.argmax()), density.shape[1])
-        window = torch.zeros(1, h, w)
-        window[:, top : top + size, left : left + size] = 1.0
-        windows.append(window)
+        windows.append(square(mask.shape, *densest_square(mask, size), size))
     return windows
 
 
@@ -121,15 +117,10 @@ def unlearning_mix(families: list[FamilyResult], target: int, cfg: SanitizeConfi
 
 def _synthesized(
     net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator, progress: Progress
-) -> tuple[Detection, list[FamilyResult]]:
-    """Search both families for every class; the detection, and the results with the flagged family first."""
-    results = [
-        synthesize(net, train.images, train.labels, k, fam, steps=cfg.synth_steps, restarts=cfg.synth_restarts,
-                   generator=gen, progress=progress)
-        for fam in FAMILIES
-    ]
-    detection = detect(results, cfg.anomaly_threshold)
-    return detection, sorted(results, key=lambda r: r.family != detection.family)
+) -> tuple[Detection, list[FamilyResult], PatchHit | None, list[float]]:
+    """find_backdoor, with the results reordered so that the detection's family comes first."""
+    detection, results, hit, noise = find_backdoor(net, train, k, cfg, gen, progress)
+    return detection, sorted(results, key=lambda r: r.family != detection.family), hit, noise
 
 
 def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
@@ -207,13 +198,17 @@ def run_sanitize(
 
     detection, synthesized, measure_with, rechecks, response = None, [], trigger, [], None
     if trigger is None:
-        detection, families = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
+        detection, families, hit, responses = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
         synthesized = [t for res in families for t in res.triggers(detection.target)]  # flagging family first
         measure_with = _best_restart(families[0], detection.target)
-        # Fresh noise is unlearned only where noise itself works as the trigger (see noise_response).
-        response = noise_response(net, train, detection.target, cfg.seed)
+        # Fresh noise is unlearned only where noise itself works as the trigger (see noise_responses).
+        response = responses[detection.target]
         noise = response > cfg.noise_threshold
         unlearn = unlearning_mix(families, detection.target, cfg, gen, noise)
+        if hit is not None:
+            # The square that flagged the class is the closest thing to the real trigger: it gets half the images.
+            synthesized, measure_with = [hit.trigger] + synthesized, hit.trigger
+            unlearn = TriggerMix([hit.trigger, unlearn], gen)
     else:
         unlearn = trigger
 

@@ -174,10 +174,14 @@ class Detection:
     flagged: bool
     family: str
     per_family: dict[str, dict[str, list[float]]]
+    # What flagged the class: "patch_probe", "noise_probe" or "anomaly_index" (None when nothing was flagged).
+    flagged_by: str | None = None
+    probes: dict | None = None  # the probes' per-class responses (gradprune_mlflow.defense.probes)
 
     def to_report(self) -> dict:
         return {"target": self.target, "anomaly_index": round(self.anomaly_index, 4), "flagged": self.flagged,
-                "family": self.family, "per_family": self.per_family}
+                "flagged_by": self.flagged_by, "family": self.family, "per_family": self.per_family,
+                "probes": self.probes}
 
 
 def detect(results: list[FamilyResult], threshold: float) -> Detection:
@@ -191,4 +195,5 @@ def detect(results: list[FamilyResult], threshold: float) -> Detection:
         k = int(idx.argmax())
         if best is None or idx[k] > best[0]:
             best = (float(idx[k]), k, res.family)
-    return Detection(best[1], best[0], best[0] > threshold, best[2], per_family)
+    flagged = best[0] > threshold
+    return Detection(best[1], best[0], flagged, best[2], per_family, "anomaly_index" if flagged else None)

@@ -85,25 +85,6 @@ class NoiseBlend(Trigger):
         return {"kind": self.kind, "target": self.target, "alpha": [self.low, self.high]}
 
 
-@torch.no_grad()
-def noise_response(net: nn.Module, data: Split, target: int, seed: int, alpha: float = 0.2,
-                   batch_size: int = 512) -> float:
-    """The fraction of `data`'s images of other classes that uniform noise, drawn fresh per image and blended in at
-    `alpha`, sends to `target`: does the backdoor answer to noise itself?
-
-    On the benchmark's models (benchmarks/noise_probe.py): 98.5-99.9% on three Blend models, 45.7% on SIG, 0.4-4.0%
-    on clean and BadNets models (whose noise goes to "shirt" or "pullover", 12-24%, not to the target). It has its
-    own generator, so probing leaves the defense's random draws as they were.
-    """
-    device = next(net.parameters()).device
-    noise = NoiseBlend(target, torch.Generator().manual_seed(seed), low=alpha, high=alpha)
-    keep = data.labels != target
-    hits, total = 0, int(keep.sum())
-    for x in data.images[keep].split(batch_size):
-        hits += int((net(noise.apply(x).to(device)).argmax(1) == target).sum())
-    return hits / max(total, 1)
-
-
 class TriggerMix(Trigger):
     """Each image gets one trigger of a list, drawn at random: unlearning with all candidates at once."""
 

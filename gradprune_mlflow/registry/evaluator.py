@@ -30,15 +30,15 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.metrics import evaluate as measure
 from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import find_backdoor
 from gradprune_mlflow.defense.progress import SilentProgress
-from gradprune_mlflow.defense.synthesis import FAMILIES, detect, synthesize
 from gradprune_mlflow.defense.triggers import check_trigger_fits
 from gradprune_mlflow.errors import BadInput
 
 NAME = "gradprune"
 PREFIX = "gradprune/"
 CONFIG_KEYS = {"model_uri", "mean", "std", "input_shape", "eval_trigger", "synthesize", "synth_steps", "synth_restarts",
-               "anomaly_threshold", "seed", "device"}
+               "anomaly_threshold", "relative_size", "patch_threshold", "noise_threshold", "seed", "device"}
 # Pixels un-normalised with mean/std must land in [0, 1]; this much float noise is tolerated.
 PIXEL_SLACK = 1e-3
 
@@ -56,6 +56,9 @@ class EvalConfig:
     synth_steps: int = SanitizeConfig.synth_steps
     synth_restarts: int = SanitizeConfig.synth_restarts
     anomaly_threshold: float = SanitizeConfig.anomaly_threshold
+    relative_size: float = SanitizeConfig.relative_size
+    patch_threshold: float = SanitizeConfig.patch_threshold
+    noise_threshold: float = SanitizeConfig.noise_threshold
     seed: int = 0
     device: str = "auto"
 
@@ -131,12 +134,9 @@ def scan(net: torch.nn.Module, data: Split, num_classes: int, cfg: EvalConfig) -
     detection = None
     if cfg.synthesize:
         gen = torch.Generator().manual_seed(cfg.seed)
-        results = [synthesize(net, data.images, data.labels, num_classes, fam, steps=cfg.synth_steps,
-                              restarts=cfg.synth_restarts, generator=gen, progress=SilentProgress())
-                   for fam in FAMILIES]
-        found = detect(results, cfg.anomaly_threshold)
+        found, results, hit, _ = find_backdoor(net, data, num_classes, cfg, gen, SilentProgress())
         family = next(r for r in results if r.family == found.family)
-        best = family.triggers(found.target)[int(family.sizes[:, found.target].argmin())]
+        best = hit.trigger if hit else family.triggers(found.target)[int(family.sizes[:, found.target].argmin())]
         synth = measure(net, data, best)
         detection = found.to_report()
         metrics |= {f"{PREFIX}anomaly_index": found.anomaly_index, f"{PREFIX}flagged": float(found.flagged),

@@ -52,6 +52,7 @@ def _facts(report: dict[str, Any]) -> str:
     facts = [("mode", report.get("mode")), ("device", report.get("device")), ("seconds", report.get("seconds")),
              ("trigger", report.get("trigger_source")), ("detected target class", det.get("target")),
              ("anomaly index", det.get("anomaly_index")), ("flagged", det.get("flagged")),
+             ("flagged by", det.get("flagged_by")),
              ("filters pruned", f"{report.get('pruned_filters')} of {report.get('total_filters')}"),
              ("fine-tuning epochs", report.get("finetune_epochs")), ("evaluated on", report.get("evaluated_on")),
              ("evaluated images", report.get("evaluated_images"))]

@@ -30,7 +30,10 @@ def how_measured(report: dict[str, Any]) -> str:
     if det:
         index = det.get("anomaly_index")
         index = f"{index:.2f}" if isinstance(index, int | float) else "?"
-        flagged = "flagged" if det.get("flagged") else "not flagged, top candidate"
+        flagged = "not flagged, top candidate"
+        if det.get("flagged"):  # reports before the probes (sixth session) have no flagged_by
+            by = det.get("flagged_by")
+            flagged = f"flagged by the {by.replace('_', ' ')}" if by else "flagged"
         trigger += f" (class {det.get('target')} {flagged}, anomaly index {index})"
     return (f"Trigger: {trigger}; attack measured with the {report.get('asr_measured_with', '?')} trigger; "
             f"evaluated on {report.get('evaluated_on', '?')}. Pruned {report.get('pruned_filters', '?')} of "

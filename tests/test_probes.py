@@ -1,0 +1,144 @@
+"""The probes beside the anomaly index: a tiny square and uniform noise, and the decision they feed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import (
+    PLAIN_MARGIN,
+    PatchHit,
+    decide,
+    densest_square,
+    noise_responses,
+    patch_probe,
+)
+from gradprune_mlflow.defense.synthesis import FamilyResult, detect
+from gradprune_mlflow.defense.triggers import MaskTrigger
+
+K = 10
+
+
+def _sizes_family(name: str, sizes: list[float]) -> FamilyResult:
+    s = torch.tensor([sizes])
+    return FamilyResult(name, s, torch.ones_like(s, dtype=torch.bool), torch.zeros(1, K, 1, 4, 4),
+                        torch.zeros(1, K, 1, 4, 4))
+
+
+def _hit(target: int, response: float) -> PatchHit:
+    return PatchHit(target, response, MaskTrigger(target, torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)), "white",
+                    (0, 0, 3), best=response)
+
+
+FLAT = [0.2, 0.21, 0.19, 0.2, 0.22, 0.18, 0.2, 0.21, 0.19, 0.2]
+QUIET = [_hit(k, 0.3) for k in range(K)]
+
+
+def _decide(patch, blend, hits=QUIET, noise=(0.01,) * K):
+    return decide(detect([patch, blend], 2.0), [patch, blend], hits, list(noise), patch_threshold=0.9,
+                  noise_threshold=0.5, relative_threshold=0.5)
+
+
+def test_a_patch_anomaly_alone_no_longer_flags():
+    """Clean models' "bag" class stands out in the patch family (index 2.6-2.7 measured); without a probe it is not
+    a backdoor."""
+    found, hit = _decide(_sizes_family("patch", [0.02] + FLAT[1:]), _sizes_family("blend", FLAT))
+    assert found.anomaly_index > 2.0 and found.flagged is False and found.flagged_by is None and hit is None
+    assert found.target == 0 and found.family == "patch"  # the top candidate is still named, for on_clean=sanitize
+
+
+def test_a_blend_anomaly_flags_only_when_its_strength_is_far_below_the_median():
+    strong = _decide(_sizes_family("patch", FLAT), _sizes_family("blend", [0.07] + FLAT[1:]))[0]  # 0.35 x median
+    assert (strong.flagged, strong.flagged_by, strong.target, strong.family) == (True, "anomaly_index", 0, "blend")
+    # an outlier by the index, at 0.65 of the median: what clean models' "bag" looks like
+    natural = _decide(_sizes_family("patch", FLAT), _sizes_family("blend", [0.13] + FLAT[1:]))[0]
+    assert natural.anomaly_index > 2.0 and natural.flagged is False
+
+
+def test_the_patch_probe_flags_first_then_the_noise_probe():
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", [0.07] + FLAT[1:])
+    hits = QUIET[:3] + [_hit(3, 0.95)] + QUIET[4:]
+    found, hit = _decide(patch, blend, hits, noise=[0.0, 0.0, 0.8] + [0.0] * 7)
+    assert (found.flagged_by, found.target, found.family) == ("patch_probe", 3, "patch") and hit is hits[3]
+    found, hit = _decide(patch, blend, QUIET, noise=[0.0, 0.0, 0.8] + [0.0] * 7)
+    assert (found.flagged_by, found.target, found.family, hit) == ("noise_probe", 2, "blend", None)
+    # the report carries every class's probe responses
+    report = found.to_report()
+    assert report["flagged_by"] == "noise_probe" and report["probes"]["noise"][2] == 0.8
+    assert [h["target"] for h in report["probes"]["patch"]] == list(range(K))
+
+
+def test_densest_square_finds_the_block():
+    mask = torch.zeros(1, 12, 12)
+    mask[:, 8:11, 2:5] = 1.0
+    mask[:, 0, 0] = 1.0
+    assert densest_square(mask, 3) == (8, 2)
+
+
+class _NoiseToZero(torch.nn.Module):
+    """Class 0 when an image varies from pixel to pixel (noise), class 1 when it is flat: a noise backdoor."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        spread = x.flatten(1).std(1)
+        return torch.stack([spread * 100, torch.full_like(spread, 1.0)] + [torch.zeros_like(spread)] * 8, 1)
+
+
+def test_noise_responses_measure_where_noise_alone_sends_images():
+    flat = Split(torch.full((90, 1, 8, 8), 0.5), torch.arange(90) % 9 + 1)  # no image of class 0
+    responses = noise_responses(_NoiseToZero(), flat, K, seed=0)
+    assert responses[0] == 1.0 and all(r == 0.0 for r in responses[1:])
+    # its own generator: the global RNG is left alone
+    state = torch.random.get_rng_state()
+    noise_responses(_NoiseToZero(), flat, K, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def _corner_family(shape) -> FamilyResult:
+    """Every class's synthesized mask is a few pixels around the bottom-right corner, the pattern mid-grey."""
+    c, h, w = shape
+    masks = torch.zeros(1, K, 1, h, w)
+    masks[..., h - 3 :, w - 3 :] = 0.8
+    masks[..., h - 5, w - 6] = 0.3  # a stray pixel, as synthesized masks have
+    return FamilyResult("patch", torch.full((1, K), 0.01), torch.ones(1, K, dtype=torch.bool), masks,
+                        torch.full((1, K, c, h, w), 0.5))
+
+
+@pytest.mark.slow
+def test_the_patch_probe_finds_a_badnets_square_and_nothing_on_a_clean_model(badnets_cnn, clean_cnn, clean_set):
+    data = clean_set.as_split()
+    family = _corner_family(tuple(data.images.shape[1:]))
+    for model, backdoored in ((badnets_cnn, True), (clean_cnn, False)):
+        net = Normalized(copy.deepcopy(model), clean_set.meta.mean, clean_set.meta.std).eval()
+        hits = patch_probe(net, data, family)
+        assert [h.target for h in hits] == list(range(K))
+        best = max(hits, key=lambda h: h.best)
+        print(f"{'badnets' if backdoored else 'clean'}: best class {best.target} {best.best:.3f} {best.fill}")
+        # the square reported is the best one, or a plain one within PLAIN_MARGIN of it
+        assert all(h.best - PLAIN_MARGIN <= h.response <= h.best for h in hits)
+        if backdoored:  # the white 3x3 in the corner is the real trigger
+            assert best.target == 0 and best.best >= 0.9 and best.fill == "white"
+            top, left, side = best.window
+            assert side in (3, 4) and top + side == 28 and left + side == 28
+        else:
+            assert best.best < 0.9
+        assert all(h.best < 0.9 for h in hits if h.target != 0)
+
+
+def test_noise_sends_the_blend_models_images_to_its_target_and_not_the_badnets_models(blend_cnn, badnets_cnn,
+                                                                                        clean_set):
+    """The noise probe on real models: the Blend model answers to noise at class 0, the BadNets model does not."""
+    data = clean_set.as_split()
+    responses = {name: noise_responses(Normalized(copy.deepcopy(model), clean_set.meta.mean,
+                                                  clean_set.meta.std).eval(), data, K, seed=0)
+                 for name, model in (("blend", blend_cnn), ("badnets", badnets_cnn))}
+    print({name: [round(r, 3) for r in rs] for name, rs in responses.items()})
+    assert responses["blend"][0] > 0.9 and max(responses["blend"][1:]) < 0.5
+    assert max(responses["badnets"]) < 0.5
