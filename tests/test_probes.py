@@ -114,6 +114,7 @@ def _corner_family(shape) -> FamilyResult:
 @pytest.mark.slow
 def test_the_patch_probe_finds_a_badnets_square_and_nothing_on_a_clean_model(badnets_cnn, clean_cnn, clean_set):
     data = clean_set.as_split()
+    data = Split(data.images[::3], data.labels[::3])  # a third of the set is plenty, and the suite is near its budget
     family = _corner_family(tuple(data.images.shape[1:]))
     for model, backdoored in ((badnets_cnn, True), (clean_cnn, False)):
         net = Normalized(copy.deepcopy(model), clean_set.meta.mean, clean_set.meta.std).eval()
