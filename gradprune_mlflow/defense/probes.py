@@ -11,7 +11,7 @@ change none of the defense's random draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -165,8 +165,7 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
     if detection.flagged and detection.family == "blend" and \
             relative_size(by_family["blend"], detection.target) < relative_threshold:
         return flag(detection.target, "blend", "anomaly_index"), None
-    return Detection(detection.target, detection.anomaly_index, False, detection.family, detection.per_family, None,
-                     probes), None
+    return replace(detection, flagged=False, flagged_by=None, probes=probes), None
 
 
 def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator: torch.Generator, progress: Progress
