@@ -243,6 +243,7 @@ def test_gpu_preset_code_path_runs_on_32x32_rgb(tmp_path):
 def test_gpu_preset_on_cuda_names_the_card(tmp_path):
     argv = ["--preset", "gpu", "--attacks", "badnets", "--seeds", "0", "--per-class", "20", "--train-images",
             "5000", "--train-epochs", "2", "--test-images", "1000", "--defenses", "none", "grad-prune-fast", "anp",
+            "fine-pruning", "fine-tuning", "neural-cleanse", "grad-prune-free",
             "--option", "anp.iterations=100", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
     assert _compare().main(argv) == 0
     with (tmp_path / "compare-gpu.csv").open() as fh:

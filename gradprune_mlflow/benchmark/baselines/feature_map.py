@@ -21,7 +21,7 @@ def last_feature_module(net: nn.Module, example: torch.Tensor) -> str:
     handles = [m.register_forward_hook(hook(name)) for name, m in net.named_modules() if name]
     try:
         net.eval()
-        net(example)
+        net(example.to(next(net.parameters()).device))  # the caller's example may sit on the CPU, the net on CUDA
     finally:
         for h in handles:
             h.remove()
