@@ -14,6 +14,7 @@ from gradprune_mlflow import sanitize
 from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.defense.metrics import evaluate
 from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import noise_responses
 from gradprune_mlflow.defense.triggers import BlendTrigger, PatchTrigger
 from gradprune_mlflow.errors import BadInput, TriggerError, UnsupportedModel
 from gradprune_mlflow.models.zoo import SmallCNN
@@ -224,6 +225,26 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
     assert_same_weights(runs[0].model, runs[1].model)
     assert runs[0].report["detection"] == runs[1].report["detection"]
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(runs[0].triggers, runs[1].triggers, strict=True))
+
+
+def test_trigger_free_on_a_blend_model_flags_by_noise_and_unlearns_it(blend_cnn, clean_set, fashion_test):
+    """The noise probe's path end to end: a Blend model answers to uniform noise, is flagged by it, and afterwards
+    neither noise nor the real blend (given for evaluation only) sends the other classes' images to class 0."""
+    # A patch threshold above 1 turns the patch probe off: after ten steps its squares land anywhere, and on this
+    # model one can pass 90% by chance. The noise probe needs no synthesis. (30 images a class and 5 epochs left
+    # 69% ASR, 20 epochs 11%; 100 a class and 5 epochs 6%: the trusted set's size is what this unlearning needs.)
+    result = sanitize(blend_cnn, clean_set, None, eval_trigger=BlendTrigger(0, alpha=0.2), test_set=fashion_test,
+                      synth_steps=10, synth_restarts=1, patch_threshold=1.01, seed=3, device="cpu", finetune_epochs=5)
+    report, detection = result.report, result.report["detection"]
+    print(f"blend model: noise response {detection['noise_response']}, ASR {report['before']['attack_success_rate']}"
+          f" -> {report['after']['attack_success_rate']}")
+    assert detection["flagged_by"] == "noise_probe" and detection["flagged"] is True
+    assert detection["target"] == 0 and detection["family"] == "blend" and detection["noise_response"] > 0.5
+    assert result.model is not None and report["asr_measured_with"] == "eval"
+    assert report["before"]["attack_success_rate"] > 0.9 and report["after"]["attack_success_rate"] < 0.2
+    assert report["before"]["clean_accuracy"] - report["after"]["clean_accuracy"] < 0.05
+    after = Normalized(copy.deepcopy(result.model), clean_set.meta.mean, clean_set.meta.std).eval()
+    assert noise_responses(after, clean_set.as_split(), 10, seed=0)[0] < 0.5
 
 
 def test_trigger_free_on_a_clean_model_with_skip(clean_cnn, clean_set):
