@@ -123,11 +123,6 @@ def _synthesized(
     return detection, sorted(results, key=lambda r: r.family != detection.family), hit, noise
 
 
-def _best_restart(result: FamilyResult, k: int) -> MaskTrigger:
-    """The literal synthesized trigger of class k with the smallest size: what ASR is measured with, trigger-free."""
-    return result.triggers(k)[int(result.sizes[:, result.column(k)].argmin())]
-
-
 def _recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, progress, teacher, finetune_out,
              noise):
     """Trigger-free mode's verify-and-repeat: search the flagged class's trigger again on the fine-tuned model.
@@ -200,7 +195,7 @@ def run_sanitize(
     if trigger is None:
         detection, families, hit, responses = _synthesized(net, train, cfg, meta.num_classes, gen, progress)
         synthesized = [t for res in families for t in res.triggers(detection.target)]  # flagging family first
-        measure_with = _best_restart(families[0], detection.target)
+        measure_with = families[0].smallest_trigger(detection.target)
         # Fresh noise is unlearned only where noise itself works as the trigger (see noise_responses).
         response = responses[detection.target]
         noise = response > cfg.noise_threshold

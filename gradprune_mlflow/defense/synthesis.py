@@ -48,6 +48,11 @@ class FamilyResult:
         return [MaskTrigger(k, self.masks[r, j], self.patterns[r, j], source=f"synthesized-{self.family}")
                 for r in range(self.masks.shape[0])]
 
+    def smallest_trigger(self, k: int) -> MaskTrigger:
+        """Class k's synthesized trigger from the restart with the smallest size: what ASR is measured with when
+        no probe found a trigger."""
+        return self.triggers(k)[int(self.sizes[:, self.column(k)].argmin())]
+
     def column(self, k: int) -> int:
         """The column of class k in sizes/worked/masks/patterns."""
         return k if self.classes is None else self.classes.index(k)

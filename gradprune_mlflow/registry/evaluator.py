@@ -136,7 +136,7 @@ def scan(net: torch.nn.Module, data: Split, num_classes: int, cfg: EvalConfig) -
         gen = torch.Generator().manual_seed(cfg.seed)
         found, results, hit, _ = find_backdoor(net, data, num_classes, cfg, gen, SilentProgress())
         family = next(r for r in results if r.family == found.family)
-        best = hit.trigger if hit else family.triggers(found.target)[int(family.sizes[:, found.target].argmin())]
+        best = hit.trigger if hit else family.smallest_trigger(found.target)
         synth = measure(net, data, best)
         detection = found.to_report()
         metrics |= {f"{PREFIX}anomaly_index": found.anomaly_index, f"{PREFIX}flagged": float(found.flagged),

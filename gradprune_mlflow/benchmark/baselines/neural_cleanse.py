@@ -24,7 +24,6 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.metrics import accuracy
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.pipeline import _best_restart as smallest_trigger
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.synthesis import detect, synthesize
 from gradprune_mlflow.defense.triggers import Trigger
@@ -48,7 +47,7 @@ def neural_cleanse(
     info = {"flagged": det.flagged, "detected_target": det.target, "anomaly_index": round(det.anomaly_index, 3)}
     if not det.flagged:
         return Defended(work, info)
-    reversed_trigger = smallest_trigger(found, det.target)
+    reversed_trigger = found.smallest_trigger(det.target)
 
     def stamp(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         pick = torch.rand(len(x), generator=g) < STAMP_FRACTION
