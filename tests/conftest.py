@@ -136,3 +136,22 @@ def prefect_harness():
     with prefect_test_harness(server_startup_timeout=120), \
             temporary_settings(updates={"flows.heartbeat_frequency": None}):
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tracking_is_restored(request):
+    """Each module leaves MLflow pointed at the sandbox's store, where it found it.
+
+    A module that leaves a server's URL behind (in MLFLOW_TRACKING_URI or mlflow's global) sends the next module on
+    that worker to a server that is gone or, worse, to a live one of another test: a fault that would surface later,
+    in someone else's module. This check names the module that leaked instead.
+    """
+    import mlflow
+
+    expected = os.environ["MLFLOW_TRACKING_URI"]
+    yield
+    found = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
+    if found != (expected, expected):
+        mlflow.set_tracking_uri(None)  # this also deletes MLFLOW_TRACKING_URI: put it back after
+        os.environ["MLFLOW_TRACKING_URI"] = expected
+        pytest.fail(f"{request.module.__name__} left MLflow's tracking URI at {found}, not the sandbox's {expected}")

@@ -79,13 +79,17 @@ def env(tmp_path_factory, prefect_harness):
             with FlakyProxy(url) as registry, patched_env({**s3_env(s3.url), **FAST_FAILURE,
                                                            "MLFLOW_TRACKING_URI": url}):
                 mlflow.set_tracking_uri(url)
-                trigger = work / "badnets.json"
-                trigger.write_text(json.dumps(lab.attack_trigger("badnets").spec()))
-                yield {"client": MlflowClient(), "s3": s3, "registry": registry, "server": server, "url": url,
-                       "bucket": f"s3://{DATA_BUCKET}", "work": work, "trigger": str(trigger),
-                       "model": log_source_model(create_model("small_cnn", width=8), input_shape=SHAPE)}
+                try:
+                    trigger = work / "badnets.json"
+                    trigger.write_text(json.dumps(lab.attack_trigger("badnets").spec()))
+                    yield {"client": MlflowClient(), "s3": s3, "registry": registry, "server": server, "url": url,
+                           "bucket": f"s3://{DATA_BUCKET}", "work": work, "trigger": str(trigger),
+                           "model": log_source_model(create_model("small_cnn", width=8), input_shape=SHAPE)}
+                finally:
+                    # Inside patched_env: set_tracking_uri(None) also deletes MLFLOW_TRACKING_URI, which
+                    # patched_env then puts back. The other order left the next module on ./mlflow.db.
+                    mlflow.set_tracking_uri(None)
         finally:
-            mlflow.set_tracking_uri(None)
             server.stop()
 
 
