@@ -83,6 +83,10 @@ class SanitizeConfig:
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
     recheck_rounds: int = 2
+    # When the blend family is flagged: steps of the search for a whole-image pattern that works at the noise probe's
+    # fixed strength (gradprune_mlflow.defense.synthesis.fixed_strength_blend); its patterns are unlearned with the
+    # rest. 0 turns it off.
+    fixed_blend_steps: int = 300
 
     def resolved(self, name: str) -> Any:
         """The setting `name`, with None replaced by its mode's default (MODE_DEFAULTS)."""

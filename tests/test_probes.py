@@ -143,3 +143,31 @@ def test_noise_sends_the_blend_models_images_to_its_target_and_not_the_badnets_m
     print({name: [round(r, 3) for r in rs] for name, rs in responses.items()})
     assert responses["blend"][0] > 0.9 and max(responses["blend"][1:]) < 0.5
     assert max(responses["badnets"]) < 0.5
+
+
+class _CornerSquare(torch.nn.Module):
+    """Class 0 exactly when the 3x3 square at rows/columns 25-27 is white (a BadNets backdoor), class 1 otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        on = (x[:, 0, 25:, 25:].flatten(1).min(1).values > 0.99).float()
+        return torch.stack([on * 100, torch.full_like(on, 1.0)] + [torch.zeros_like(on)] * 8, 1)
+
+
+def test_the_patch_probe_prefers_the_smallest_square_that_works():
+    """Seed 3's case: one restart's densest 3x3 sat a column off the real patch and its 4x4 covered it; unlearning
+    that 4x4 left 11.8% ASR. Of the squares that work, the probe must report the 3x3 on the patch."""
+    masks = torch.zeros(2, K, 1, 28, 28)
+    masks[0, :, :, 25:28, 24:27] = 0.8  # restart 0: densest 3x3 at (25, 24), densest 4x4 at (24, 24)
+    masks[0, :, :, 27, 27] = 0.3
+    masks[1, :, :, 25:28, 25:28] = 0.8  # restart 1: on the patch
+    family = FamilyResult("patch", torch.full((2, K), 0.01), torch.ones(2, K, dtype=torch.bool), masks,
+                          torch.full((2, K, 1, 28, 28), 0.5))
+    assert densest_square(masks[0, 0], 3) == (25, 24) and densest_square(masks[0, 0], 4) == (24, 24)
+    data = Split(torch.rand(60, 1, 28, 28) * 0.5, torch.arange(60) % 9 + 1)
+    hit = patch_probe(_CornerSquare(), data, family)[0]
+    assert hit.best == 1.0 and hit.response == 1.0
+    assert (hit.fill, hit.window) == ("white", (25, 25, 3))

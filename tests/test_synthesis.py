@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
+from gradprune_mlflow import lab
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import patch_probe
 from gradprune_mlflow.defense.progress import SilentProgress
-from gradprune_mlflow.defense.synthesis import FamilyResult, anomaly_index, detect, synthesize
+from gradprune_mlflow.defense.synthesis import FamilyResult, anomaly_index, detect, fixed_strength_blend, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
 
 K = 10
@@ -146,3 +147,21 @@ def test_synthesize_a_subset_of_classes_keeps_their_class_ids(net, clean_set):
     assert len(triggers) == 2 and all(t.target == 7 for t in triggers)
     with pytest.raises(ValueError):
         res.triggers(3)  # not searched
+
+
+def test_a_fixed_strength_search_finds_the_blend_models_noise_pattern(blend_cnn, clean_set):
+    """At the attack's strength, the search recovers the attacker's noise image from the model alone: the target
+    class's pattern correlates with the real one more than any other class's does. (On this lightly trained test
+    model every class's pattern leans towards the real one, 0.2-0.5; on the benchmark's model another class's did
+    not, -0.04.)"""
+    real = lab.attack_trigger("blend")._make((1, 28, 28))[1].flatten()
+    net = Normalized(copy.deepcopy(blend_cnn), clean_set.meta.mean, clean_set.meta.std).eval()
+    data = clean_set.as_split()
+    corr = []
+    for k in range(K):
+        found = fixed_strength_blend(net, data.images, data.labels, k, 0.2, steps=100, restarts=1,
+                                     generator=torch.Generator().manual_seed(0), progress=SilentProgress())
+        assert len(found) == 1 and found[0].target == k and torch.allclose(found[0].mask, torch.tensor(0.2))
+        corr.append(float(torch.corrcoef(torch.stack([found[0].pattern.flatten(), real]))[0, 1]))
+    print("correlation with the real pattern, per class:", [round(c, 3) for c in corr])
+    assert corr[0] > 0.5 and corr[0] == max(corr)
