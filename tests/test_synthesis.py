@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from gradprune_mlflow import lab
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import patch_probe
 from gradprune_mlflow.defense.progress import SilentProgress
@@ -149,19 +148,21 @@ def test_synthesize_a_subset_of_classes_keeps_their_class_ids(net, clean_set):
         res.triggers(3)  # not searched
 
 
-def test_a_fixed_strength_search_finds_the_blend_models_noise_pattern(blend_cnn, clean_set):
-    """At the attack's strength, the search recovers the attacker's noise image from the model alone: the target
-    class's pattern correlates with the real one more than any other class's does. (On this lightly trained test
-    model every class's pattern leans towards the real one, 0.2-0.5; on the benchmark's model another class's did
-    not, -0.04.)"""
-    real = lab.attack_trigger("blend")._make((1, 28, 28))[1].flatten()
-    net = Normalized(copy.deepcopy(blend_cnn), clean_set.meta.mean, clean_set.meta.std).eval()
+def test_a_fixed_strength_search_finds_a_pattern_that_works_at_that_strength(clean_cnn, clean_set):
+    """On a clean model, uniform noise blended in at 0.2 sends almost no image to a class; the pattern the search
+    finds from such noise, at the same strength, sends a large share there. (Not the blend model: it answers to
+    any noise already, so success there proves nothing.)"""
+    net = Normalized(copy.deepcopy(clean_cnn), clean_set.meta.mean, clean_set.meta.std).eval()
     data = clean_set.as_split()
-    corr = []
-    for k in range(K):
+    for k in (0, 8):
+        # seed 1, not 0: the lab's Blend pattern is the first uniform draw of a seed-0 generator
         found = fixed_strength_blend(net, data.images, data.labels, k, 0.2, steps=100, restarts=1,
-                                     generator=torch.Generator().manual_seed(0), progress=SilentProgress())
+                                     generator=torch.Generator().manual_seed(1), progress=SilentProgress())
         assert len(found) == 1 and found[0].target == k and torch.allclose(found[0].mask, torch.tensor(0.2))
-        corr.append(float(torch.corrcoef(torch.stack([found[0].pattern.flatten(), real]))[0, 1]))
-    print("correlation with the real pattern, per class:", [round(c, 3) for c in corr])
-    assert corr[0] > 0.5 and corr[0] == max(corr)
+        others = data.images[data.labels != k]
+        start = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))  # the search's first draw
+        with torch.no_grad():
+            before = float((net(0.8 * others + 0.2 * start).argmax(1) == k).float().mean())
+            after = float((net(found[0].apply(others)).argmax(1) == k).float().mean())
+        print(f"class {k}: the starting noise sends {before:.3f}, the pattern found {after:.3f}")
+        assert before < 0.1 and after > before + 0.3

@@ -171,9 +171,9 @@ def _with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: 
     """Blend family flagged: search patterns that work at the noise probe's fixed strength (fixed_strength_blend) and
     give them half of the unlearning images, at 0.5x, 1x and 1.5x that strength. Returns (patterns, new mix).
 
-    They are the closest thing to a blend trigger found: on the benchmark's Blend seed-0 model the pattern correlated
-    +0.75 with the attacker's noise image, where the blend family's smallest-strength patterns had almost no overlap
-    with it. Unlearning them brought trigger-free ASR on five Blend models from 4.6-6.1% to 2.0-3.7% (README).
+    After unlearning the blend family's triggers and fresh noise, the benchmark's Blend models still answered to the
+    attacker's image (4.6-6.1% ASR) while fresh noise sent only 1.4-2.3% to the target. Adding these patterns brought
+    the five models to 2.0-3.8% (README, "Measured quality").
     """
     fixed = fixed_strength_blend(net, train.images, train.labels, target, NOISE_ALPHA, steps=cfg.fixed_blend_steps,
                                  restarts=cfg.synth_restarts, generator=gen, progress=progress)

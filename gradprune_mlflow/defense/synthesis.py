@@ -217,13 +217,13 @@ def fixed_strength_blend(
     progress: Progress,
 ) -> list[MaskTrigger]:
     """Whole-image patterns that, blended in at the fixed strength `alpha`, send other classes' images to `target`:
-    one per restart, each started from uniform noise.
+    one per restart, each started from uniform noise (universal adversarial blends towards the class).
 
-    The blend family's search shrinks the strength, and at its smallest strength the pattern is an adversarial one
-    with almost no overlap with the attacker's. At a fixed strength there is nothing to shrink: the search just
-    follows the model's gradient, and a model that learned one noise image as its trigger leads there. On the
-    benchmark's Blend seed-0 model the pattern found at strength 0.2 correlated +0.75 with the real trigger (another
-    class's: -0.04; ninth session, /work/exp/s9/uap.py).
+    The blend family's search shrinks the strength until its pattern barely works, which gives patterns far from
+    the attacker's (benchmarks/blend_probe.py). At a fixed strength there is nothing to shrink, and the search ends
+    on patterns that work at the strength a noise-like trigger has. They are not the attacker's image either (their
+    correlation with it is measured by benchmarks/blend_probe.py), but unlearning them removed more of what the
+    benchmark's Blend models had learned from it than fresh noise did: README, "Measured quality".
     """
     device = next(net.parameters()).device
     others = images[labels != target]
