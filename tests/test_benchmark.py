@@ -125,14 +125,27 @@ def test_last_feature_map_of_a_residual_net_is_its_pooling():
 
 
 def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_set, fashion_test):
+    # 300 iterations, not 100: on one fresh clone's test model (models differ with the machine and thread count)
+    # 100 iterations left no mask below the threshold; on two others they left 7-10, and 300-400 left 9-11.
     trigger = lab.attack_trigger("badnets")
-    out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=100)
+    out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=300)
+    print(f"anp: {out.info}")
     zeroed = sum(int((m.weight == 0).sum()) for m in out.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert out.info["pruned"] > 0 and zeroed == out.info["pruned"]
     norm = (clean_set.meta.mean, clean_set.meta.std)
     before = evaluate(Normalized(badnets_cnn, *norm), fashion_test, trigger)
     after = evaluate(Normalized(out.model, *norm), fashion_test, trigger)
     assert after["attack_success_rate"] < before["attack_success_rate"]
+
+
+def test_anp_pruning_zeroes_exactly_the_lowest_masks(badnets_cnn):
+    net = copy.deepcopy(badnets_cnn)
+    bns = {name: m for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    masks = {name: torch.linspace(0.05, 1.0, m.num_features) + i for i, (name, m) in enumerate(bns.items())}
+    anp.prune_lowest(net, masks, 5)
+    first = next(iter(bns.values()))
+    assert first.weight[:5].eq(0).all() and first.weight[5:].ne(0).all()
+    assert sum(int(m.weight.eq(0).sum()) for m in bns.values()) == 5
 
 
 def test_anp_refuses_a_model_without_batchnorm(clean_set):
