@@ -14,6 +14,7 @@ of the sizes) flags it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,19 @@ class _Blend:
 FAMILIES = {"patch": _Patch(), "blend": _Blend()}
 
 
+@contextlib.contextmanager
+def _frozen(net: nn.Module):
+    """The net in eval mode with its weights frozen while a trigger is optimised through it; unfrozen after."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(True)
+
+
 def synthesize(
     net: nn.Module,
     images: torch.Tensor,
@@ -119,11 +133,8 @@ def synthesize(
     best_size = torch.full((rows,), float("inf"), device=device)
     best = [p.detach().clone() for p in fam.parts(params)]
     wins = torch.zeros(rows, device=device)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
     progress.phase(f"synthesis ({family})", steps)
-    try:
+    with _frozen(net):
         for step in range(1, steps + 1):
             idx = torch.randint(len(images), (BATCH,), generator=generator)
             x, y = images[idx].to(device), labels[idx].to(device)
@@ -149,9 +160,6 @@ def synthesize(
                     lam = torch.where(wins >= 8, lam * 1.5, lam / 1.5).clamp(1e-4, 10.0)
                     wins.zero_()
             progress.advance(1)
-    finally:
-        for p in net.parameters():
-            p.requires_grad_(True)
     with torch.no_grad():
         worked = torch.isfinite(best_size)
         final_m, final_p = fam.parts(params)
@@ -234,11 +242,8 @@ def fixed_strength_blend(
     param = torch.logit(start).to(device).requires_grad_()
     opt = torch.optim.Adam([param], lr=0.05)
     y = torch.full((restarts * BATCH,), target, device=device)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
     progress.phase("synthesis (fixed-strength blend)", steps)
-    try:
+    with _frozen(net):
         for _ in range(steps):
             x = others[torch.randint(len(others), (BATCH,), generator=generator)].to(device)
             xs = (1 - alpha) * x[None] + alpha * torch.sigmoid(param)[:, None]  # (restarts, B, C, H, W)
@@ -247,9 +252,6 @@ def fixed_strength_blend(
             loss.backward()
             opt.step()
             progress.advance(1)
-    finally:
-        for p in net.parameters():
-            p.requires_grad_(True)
     mask = torch.full((1, *shape[1:]), float(alpha))
     return [MaskTrigger(target, mask, pattern, source="synthesized-fixed-blend")
             for pattern in torch.sigmoid(param).detach().cpu()]
