@@ -23,7 +23,7 @@ from gradprune_mlflow.models.zoo import create_model
 
 SCHEMA_1_KEYS = {"schema", "mode", "device", "seconds", "trigger_source", "asr_measured_with", "detection", "before",
                  "after", "pruned_filters", "total_filters", "gradient_passes", "evaluated_on"}
-METRICS = {"clean_accuracy", "attack_success_rate", "robust_accuracy"}
+METRICS = {"clean_accuracy", "attack_success_rate", "robust_accuracy", "clean_target_rate"}
 PATCH = {"kind": "patch", "target": 0, "size": 3, "location": "bottom-right"}
 
 

@@ -123,8 +123,10 @@ def test_concurrent_claims_have_exactly_one_winner(client):
 def _result(model, *, asr_after=0.02) -> SanitizeResult:
     report = {"schema": 1, "mode": "fast", "device": "cpu", "seconds": 1.5, "trigger_source": "synthesized",
               "asr_measured_with": "eval", "detection": {"target": 0, "anomaly_index": 3.5, "flagged": True},
-              "before": {"clean_accuracy": 0.9, "attack_success_rate": 0.97, "robust_accuracy": 0.03},
-              "after": {"clean_accuracy": 0.88, "attack_success_rate": asr_after, "robust_accuracy": 0.85},
+              "before": {"clean_accuracy": 0.9, "attack_success_rate": 0.97, "robust_accuracy": 0.03,
+                         "clean_target_rate": 0.02},
+              "after": {"clean_accuracy": 0.88, "attack_success_rate": asr_after, "robust_accuracy": 0.85,
+                        "clean_target_rate": 0.015},
               "pruned_filters": 6, "total_filters": 48, "gradient_passes": 9, "evaluated_on": "test",
               "pruned_by_layer": {"features.0": 4, "features.3": 2}}
     curve = [{"step": i, "pruned": 2 * i, "val_clean_accuracy": 0.9 - 0.01 * i, "val_unlearning_loss": 3.0 - i}
@@ -152,6 +154,7 @@ def test_a_run_logs_metrics_curve_artifacts_and_inputs(client, small_set):
     run = client.get_run(run_id)
     expected = {"clean_accuracy/before": 0.9, "clean_accuracy/after": 0.88, "attack_success_rate/before": 0.97,
                 "attack_success_rate/after": 0.02, "robust_accuracy/before": 0.03, "robust_accuracy/after": 0.85,
+                "clean_target_rate/before": 0.02, "clean_target_rate/after": 0.015,
                 "anomaly_index": 3.5, "pruned_filters": 6, "pruned_fraction": 0.125, "sanitize_seconds": 1.5}
     assert metrics == pytest.approx(expected)
     assert {k: run.data.metrics[k] for k in expected} == pytest.approx(expected)

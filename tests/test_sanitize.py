@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gradprune_mlflow import sanitize
-from gradprune_mlflow.data.cleanset import CleanSet
+from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.metrics import evaluate
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import noise_responses
@@ -22,7 +22,7 @@ from gradprune_mlflow.models.zoo import SmallCNN
 TRIGGER = PatchTrigger(0, size=3, location="bottom-right")  # the trigger badnets_cnn was poisoned with
 REPORT_KEYS = {"schema", "mode", "device", "seconds", "trigger_source", "asr_measured_with", "detection", "before",
                "after", "pruned_filters", "total_filters", "gradient_passes", "evaluated_on"}
-METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy")
+METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "clean_target_rate")
 SMALL = {"device": "cpu", "finetune_epochs": 2}  # for runs whose outcome is compared, not judged
 
 
@@ -111,6 +111,30 @@ def test_report_follows_schema_1(known):
     assert isinstance(report["gradient_passes"], int) and report["gradient_passes"] >= 1
     assert sum(report["pruned_by_layer"].values()) == report["pruned_filters"]
     assert json.loads(json.dumps(report)) == report, "the report must be plain JSON"
+
+
+class _CornersVoteZero(nn.Module):
+    """Class 0 when the top-left pixel is bright, or the bottom-right one (a stand-in backdoor), else
+    class 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # metrics.logits reads the device off a parameter
+
+    def forward(self, x):
+        zero = ((x[:, 0, 0, 0] > 0.5) | (x[:, 0, -1, -1] > 0.5)).float()
+        return torch.stack([zero, 1 - zero], 1)
+
+
+def test_clean_target_rate_counts_untriggered_images_the_model_already_puts_in_the_target():
+    images = torch.zeros(10, 1, 4, 4)
+    images[:3, 0, 0, 0] = 1.0  # three of the eight non-target images already look like class 0
+    labels = torch.tensor([1] * 8 + [0] * 2)
+    corner = PatchTrigger(target=0, size=1)
+    block = evaluate(_CornersVoteZero(), Split(images, labels), corner)
+    assert block["attack_success_rate"] == 1.0 and block["robust_accuracy"] == 0.0
+    assert block["clean_target_rate"] == pytest.approx(3 / 8)
+    assert evaluate(_CornersVoteZero(), Split(images, labels), None)["clean_target_rate"] is None
 
 
 def test_reported_after_metrics_equal_a_reevaluation_of_the_model(known, clean_set, fashion_test, badnets_cnn,

@@ -132,13 +132,14 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from gradprune_mlflow.registry.summary import ROWS
+
     report, console = result.report, Console(soft_wrap=True)  # long paths stay on one line in logs
     table = Table(title="gradprune sanitize", title_justify="left")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    for key, label in (("clean_accuracy", "clean accuracy"), ("attack_success_rate", "attack success rate"),
-                       ("robust_accuracy", "robust accuracy")):
+    for label, key in ROWS:
         table.add_row(label, _pct((report.get("before") or {}).get(key)), _pct((report.get("after") or {}).get(key)))
     console.print(table)
     for line in _facts(report):

@@ -7,6 +7,12 @@ predictions are pulled towards the original model's (soft targets carry more tha
 it kept enough clean accuracy to weight the triggered CE twice and fine-tune longer: the benchmark's drop fell from
 2-4 to about 1 point at lower ASR (README, "Measured quality"). Early stopping looks at the validation loss
 clean + triggered (fast mode) or clean only (paper mode, as the paper does; it can pick the untouched model).
+
+Fast mode also pushes triggered images of the other classes away from the target class (`away_from_target`). With
+true-label CE alone, triggered images went to the target class as often as clean ones did (about 2% on the
+benchmark, mostly shirts taken for T-shirts): the backdoor was gone, but a model with no backdoor sends fewer
+triggered images there (0.4-0.6%), and the ASR goal is 2%. At weight 3 the benchmark's known-trigger ASR fell from
+1.70-2.78% to 0.73-1.77% (README, "Measured quality").
 """
 
 from __future__ import annotations
@@ -54,6 +60,17 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torc
     return out
 
 
+def away_from_target(logits: torch.Tensor, labels: torch.Tensor, target: int) -> torch.Tensor:
+    """Mean -log(1 - p_target) over the triggered images whose true class is not the target."""
+    keep = labels != target
+    if not keep.any():
+        return logits.new_zeros(())
+    log_p = F.log_softmax(logits[keep].float(), 1)
+    # log(1 - p_t) = log(sum of the other classes' probabilities), stable where p_t is near 1
+    others = torch.cat([log_p[:, :target], log_p[:, target + 1 :]], 1)
+    return -torch.logsumexp(others, 1).mean()
+
+
 def validation_loss(net: nn.Module, val_clean: Split, val_triggered: Split, clean_only: bool, batch_size: int) -> float:
     """The early-stopping criterion: clean CE, plus triggered CE unless clean_only."""
     loss = mean_loss(net, val_clean.images, val_clean.labels, batch_size)
@@ -83,6 +100,7 @@ def finetune(
     distill = cfg.resolved("distill_weight") if teacher is not None else 0.0
     unlearn_weight, epochs, patience = (cfg.resolved(n) for n in ("unlearn_weight", "finetune_epochs",
                                                                     "finetune_patience"))
+    away = cfg.resolved("away_weight")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.finetune_lr)
     steps = epochs * -(-len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
@@ -100,7 +118,10 @@ def finetune(
             x = x.to(device)
             with autocast(device):
                 clean_logits = net(x)
-                loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(net(xt), y)
+                trig_logits = net(xt)
+                loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(trig_logits, y)
+                if away:
+                    loss = loss + away * away_from_target(trig_logits, y, trigger.target)
                 if distill:
                     with torch.no_grad():
                         soft = F.softmax(teacher(x).float(), 1)

@@ -24,7 +24,7 @@ from gradprune_mlflow.registry.figures import curve_png, triggers_png
 from gradprune_mlflow.registry.pending import PendingVersion
 
 SIDES = ("before", "after")
-REPORT_METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy")
+REPORT_METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "clean_target_rate")
 # The pruning curve, one point per pruning step (x = step).
 CURVE_METRICS = {"pruned": "curve/pruned_filters", "val_clean_accuracy": "curve/val_clean_accuracy",
                  "val_unlearning_loss": "curve/val_unlearning_loss"}

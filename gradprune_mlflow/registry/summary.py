@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 ROWS = (("clean accuracy", "clean_accuracy"), ("attack success rate", "attack_success_rate"),
-        ("robust accuracy", "robust_accuracy"))
+        ("robust accuracy", "robust_accuracy"), ("clean images to target", "clean_target_rate"))
 
 
 def pct(value: Any) -> str:
@@ -16,7 +16,8 @@ def pct(value: Any) -> str:
 
 
 def before_after_table(report: dict[str, Any]) -> str:
-    """The markdown table of clean accuracy, attack success rate and robust accuracy, before and after."""
+    """The markdown table of clean accuracy, attack success rate, robust accuracy and clean target rate, before and
+    after."""
     before, after = report.get("before") or {}, report.get("after") or {}
     lines = ["| metric | before | after |", "|---|---:|---:|"]
     lines += [f"| {label} | {pct(before.get(key))} | {pct(after.get(key))} |" for label, key in ROWS]
