@@ -18,6 +18,7 @@ from gradprune_mlflow import lab
 from gradprune_mlflow.benchmark import tables
 from gradprune_mlflow.benchmark.baselines import anp, fine_pruning, fine_tuning, neural_cleanse
 from gradprune_mlflow.benchmark.baselines.feature_map import last_feature_module
+from gradprune_mlflow.benchmark.baselines.training import allowed_drop
 from gradprune_mlflow.benchmark.counting import BackwardCounter
 from gradprune_mlflow.benchmark.presets import parse_options
 from gradprune_mlflow.benchmark.registry import Defended, Defense, defense_names, get_defense, run_defense
@@ -124,18 +125,29 @@ def test_last_feature_map_of_a_residual_net_is_its_pooling():
     assert last_feature_module(net, torch.zeros(2, 1, 28, 28)) == "head.0"
 
 
-def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_set, fashion_test):
-    # 300 iterations, not 100: on one fresh clone's test model (models differ with the machine and thread count)
-    # 100 iterations left no mask below the threshold; on two others they left 7-10, and 300-400 left 9-11.
+def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_set, fashion_test, monkeypatch):
+    # Without the accuracy budget: whether the budget lets any channel go depends on the model instance (a fresh
+    # clone's test model had 8 masks below the threshold, but pruning even the lowest one cost more than 5
+    # validation points, so ANP backed off to none). What this test checks is that the masks find the backdoor.
+    monkeypatch.setattr(anp, "MAX_ACC_DROP", 1.0)
     trigger = lab.attack_trigger("badnets")
     out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=300)
     print(f"anp: {out.info}")
     zeroed = sum(int((m.weight == 0).sum()) for m in out.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert out.info["pruned"] > 0 and zeroed == out.info["pruned"]
+    assert out.info["pruned"] == out.info["below_threshold"] > 0 and zeroed == out.info["pruned"]
     norm = (clean_set.meta.mean, clean_set.meta.std)
     before = evaluate(Normalized(badnets_cnn, *norm), fashion_test, trigger)
     after = evaluate(Normalized(out.model, *norm), fashion_test, trigger)
     assert after["attack_success_rate"] < before["attack_success_rate"]
+
+
+def test_anp_backs_off_to_the_accuracy_budget(badnets_cnn, clean_set):
+    out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=300)
+    _, val = clean_set.split(0.1, 0)
+    norm = (clean_set.meta.mean, clean_set.meta.std)
+    drop = accuracy(Normalized(badnets_cnn, *norm), val) - accuracy(Normalized(out.model, *norm), val)
+    assert 0 <= out.info["pruned"] <= out.info["below_threshold"]
+    assert drop <= allowed_drop(val, anp.MAX_ACC_DROP) + 1e-9, out.info
 
 
 def test_anp_pruning_zeroes_exactly_the_lowest_masks(badnets_cnn):
