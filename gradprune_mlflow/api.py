@@ -1,42 +1,21 @@
 """The front door: `sanitize(model, clean_set, trigger=None, config=None)`.
 
-The CLI, the Prefect flows and the benchmark all come through here.
+The CLI, the Prefect flows and the benchmark all come through here. SanitizeResult lives in defense/result.py and
+is re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
+from gradprune_mlflow.defense.pipeline import run_sanitize
 from gradprune_mlflow.defense.progress import Progress, SilentProgress
+from gradprune_mlflow.defense.result import SanitizeResult
 from gradprune_mlflow.defense.triggers import Trigger
-
-
-@dataclass
-class SanitizeResult:
-    """What a sanitize run produced. Unpacks as `model, report = sanitize(...)`.
-
-    - model: the sanitized nn.Module (masks folded into plain weights), or None when trigger-free mode flagged
-      nothing and `on_clean="skip"`.
-    - report: the report.json dict (schema 1; see README).
-    - history: the pruning history, one dict per pruned filter: {"layer", "filter", "step", "score"}.
-    - curve: the pruning curve, one dict per pruning step: {"step", "pruned", "val_clean_accuracy",
-      "val_unlearning_loss"}.
-    - triggers: the synthesized triggers worth showing (mask triggers), empty in known-trigger mode.
-    """
-
-    model: nn.Module | None
-    report: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    triggers: list[Trigger] = field(default_factory=list)
-
-    def __iter__(self):
-        return iter((self.model, self.report))
 
 
 def sanitize(
@@ -57,8 +36,6 @@ def sanitize(
     and test set (measured, never shown to the defense), and a progress sink.
     Returns a SanitizeResult. Raises BadInput/UnsupportedModel/TriggerError for inputs the user can fix.
     """
-    from gradprune_mlflow.defense.pipeline import run_sanitize
-
     cfg = (config or SanitizeConfig()).with_overrides(**overrides)
     return run_sanitize(
         model, clean_set, trigger, cfg, eval_trigger=eval_trigger, test_set=test_set,

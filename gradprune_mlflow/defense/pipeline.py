@@ -21,6 +21,7 @@ from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import NOISE_ALPHA, PatchHit, densest_square, find_backdoor, square
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.prune import prune
+from gradprune_mlflow.defense.result import SCHEMA, SanitizeResult
 from gradprune_mlflow.defense.synthesis import (
     FAMILIES,
     Detection,
@@ -32,8 +33,6 @@ from gradprune_mlflow.defense.synthesis import (
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger, check_trigger_fits
 from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, triggered_copy
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
-
-SCHEMA = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -193,10 +192,8 @@ def run_sanitize(
     eval_trigger: Trigger | None,
     test_set: Split | CleanSet | None,
     progress: Progress,
-):
-    """See gradprune_mlflow.sanitize. Returns a SanitizeResult."""
-    from gradprune_mlflow.api import SanitizeResult
-
+) -> SanitizeResult:
+    """See gradprune_mlflow.sanitize."""
     start = time.perf_counter()
     meta = clean_set.meta
     check_model(model, clean_set)
