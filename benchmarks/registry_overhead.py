@@ -64,9 +64,9 @@ def measure(work: Path, versions: int, rejected: int) -> list[dict]:
     from flows.scan import scan_registry
     from gradprune_mlflow import lab
     from gradprune_mlflow.data.s3 import push_clean_set
+    from gradprune_mlflow.local_services import mlflow_server, moto_s3, s3_env
     from gradprune_mlflow.models.zoo import create_model
     from gradprune_mlflow.registry.pending import set_model_inputs
-    from gradprune_mlflow.registry.services import mlflow_server, moto_s3, s3_env
     from gradprune_mlflow.registry.source import log_source_model, register_logged_model
 
     rows = []

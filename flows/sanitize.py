@@ -20,7 +20,7 @@ from gradprune_mlflow.data.expectations import Checks
 from gradprune_mlflow.data.s3 import S3Unavailable
 from gradprune_mlflow.errors import BadInput
 from gradprune_mlflow.registry import job as steps
-from gradprune_mlflow.registry.summary import outcome_markdown
+from gradprune_mlflow.report.summary import outcome_markdown
 
 GPU_TAG = "gradprune-gpu"
 # Models, data sets and results stay in memory between tasks: never hash or persist them.

@@ -1,6 +1,6 @@
 """Real services for tests: an `mlflow server` process (sqlite) and a moto S3 API, both on 127.0.0.1.
 
-The context managers themselves live in gradprune_mlflow.registry.services (the demo uses them too); this module
+The context managers themselves live in gradprune_mlflow.local_services (the demo uses them too); this module
 wires them together the way the registry tests need them and points this process at them.
 """
 
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradprune_mlflow.registry.services import free_port, mlflow_server, moto_s3, s3_env, stop_process_group
+from gradprune_mlflow.local_services import free_port, mlflow_server, moto_s3, s3_env, stop_process_group
 
 __all__ = ["Stack", "free_port", "mlflow_server", "moto_s3", "patched_env", "registry_stack", "s3_env",
            "stop_process_group"]

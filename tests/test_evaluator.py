@@ -17,7 +17,7 @@ from mlflow.models import infer_signature
 
 from gradprune_mlflow import lab
 from gradprune_mlflow.errors import BadInput
-from gradprune_mlflow.registry.evaluator import evaluation_frame
+from gradprune_mlflow.evaluator import evaluation_frame
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

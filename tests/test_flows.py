@@ -31,7 +31,7 @@ from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.inputs import load_data_uri, load_trigger_uri
 from gradprune_mlflow.registry.pending import find_pending, set_model_inputs
 from gradprune_mlflow.registry.source import register_source_model
-from gradprune_mlflow.registry.summary import before_after_table, pct
+from gradprune_mlflow.report.summary import before_after_table, pct
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

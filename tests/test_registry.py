@@ -29,14 +29,15 @@ from gradprune_mlflow.defense.triggers import MaskTrigger, PatchTrigger
 from gradprune_mlflow.errors import BadInput, TriggerError, UnsafeModel, UnsupportedModel
 from gradprune_mlflow.models.zoo import create_model
 from gradprune_mlflow.registry import claim as claims
-from gradprune_mlflow.registry import job, review
+from gradprune_mlflow.registry import job
 from gradprune_mlflow.registry import log as runlog
 from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.inputs import load_trigger_uri
 from gradprune_mlflow.registry.pending import find_pending, set_model_inputs
 from gradprune_mlflow.registry.register import ClaimLost, log_sanitized_model, move_alias, register_sanitized
 from gradprune_mlflow.registry.source import load_source, register_source_model
-from gradprune_mlflow.registry.summary import before_after_table
+from gradprune_mlflow.report import review
+from gradprune_mlflow.report.summary import before_after_table
 
 SHAPE = (1, 28, 28)
 
@@ -291,7 +292,7 @@ def test_triggers_load_from_s3_with_their_images(stack, tmp_path):
 
 
 def test_the_library_imports_no_prefect():
-    code = ("import sys, gradprune_mlflow.registry.job, gradprune_mlflow.registry.services, "
+    code = ("import sys, gradprune_mlflow.registry.job, gradprune_mlflow.local_services, "
             "gradprune_mlflow.data.pack, gradprune_mlflow.cli, gradprune_mlflow.webhooks; "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows')], 'prefect imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

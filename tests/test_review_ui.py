@@ -26,7 +26,7 @@ from gradprune_mlflow.registry import log as runlog
 from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.pending import set_model_inputs
 from gradprune_mlflow.registry.source import register_source_model
-from gradprune_mlflow.registry.summary import pct
+from gradprune_mlflow.report.summary import pct
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -26,9 +26,7 @@ from services import ARTIFACT_BUCKET, DATA_BUCKET, patched_env
 
 from gradprune_mlflow import lab
 from gradprune_mlflow.data.s3 import push_clean_set, push_object
-from gradprune_mlflow.registry import tags as T
-from gradprune_mlflow.registry.pending import set_model_inputs
-from gradprune_mlflow.registry.services import (
+from gradprune_mlflow.local_services import (
     HOST,
     background_service,
     free_port,
@@ -38,6 +36,8 @@ from gradprune_mlflow.registry.services import (
     s3_env,
     stop_process_group,
 )
+from gradprune_mlflow.registry import tags as T
+from gradprune_mlflow.registry.pending import set_model_inputs
 from gradprune_mlflow.registry.source import register_source_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from gradprune_mlflow.cli import app as cli
-from gradprune_mlflow.registry.services import free_port
+from gradprune_mlflow.local_services import free_port
 from gradprune_mlflow.webhooks import ReplayCache, create_app, sign
 from gradprune_mlflow.webhooks.receiver import MAX_BODY, PATH
 

@@ -86,7 +86,7 @@ def _run(root: Path, steps: _Steps, *, per_class: int, test_images: int, n_train
          overrides: dict[str, Any]) -> tuple[list[dict[str, Any]], Path]:
     import mlflow
 
-    from gradprune_mlflow.registry.services import mlflow_server, moto_s3, s3_env
+    from gradprune_mlflow.local_services import mlflow_server, moto_s3, s3_env
 
     mlflow_dir = root / "mlflow"
     with moto_s3(buckets=(BUCKET,)) as endpoint:

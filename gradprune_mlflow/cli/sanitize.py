@@ -132,7 +132,7 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gradprune_mlflow.registry.summary import ROWS
+    from gradprune_mlflow.report.summary import ROWS
 
     report, console = result.report, Console(soft_wrap=True)  # long paths stay on one line in logs
     table = Table(title="gradprune sanitize", title_justify="left")

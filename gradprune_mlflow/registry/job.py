@@ -25,7 +25,6 @@ from gradprune_mlflow.data.s3 import fetch_clean_set
 from gradprune_mlflow.defense.triggers import Trigger
 from gradprune_mlflow.errors import GradpruneError
 from gradprune_mlflow.registry import log as runlog
-from gradprune_mlflow.registry import review
 from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.claim import Claim, LeaseKeeper, claim_version, finish, one_line
 from gradprune_mlflow.registry.inputs import check_inputs, load_data_uri, load_trigger_uri
@@ -38,6 +37,7 @@ from gradprune_mlflow.registry.register import (
     register_sanitized,
 )
 from gradprune_mlflow.registry.source import SourceModel, check_input_shape, load_source
+from gradprune_mlflow.report import review
 
 
 @dataclass

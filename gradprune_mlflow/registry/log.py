@@ -20,8 +20,8 @@ from mlflow.exceptions import MlflowException
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.registry import tags as T
-from gradprune_mlflow.registry.figures import curve_png, triggers_png
 from gradprune_mlflow.registry.pending import PendingVersion
+from gradprune_mlflow.report.figures import curve_png, triggers_png
 
 SIDES = ("before", "after")
 REPORT_METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "clean_target_rate")

@@ -21,7 +21,7 @@ from gradprune_mlflow.registry import tags as T
 from gradprune_mlflow.registry.claim import Claim, holds
 from gradprune_mlflow.registry.pending import all_versions
 from gradprune_mlflow.registry.source import SourceModel
-from gradprune_mlflow.registry.summary import version_description
+from gradprune_mlflow.report.summary import version_description
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "sanitized_model"  # the model's name inside the run

@@ -8,8 +8,8 @@ import base64
 from html import escape
 from typing import Any
 
-from gradprune_mlflow.registry.figures import png_bytes
-from gradprune_mlflow.registry.summary import ROWS, how_measured, pct
+from gradprune_mlflow.report.figures import png_bytes
+from gradprune_mlflow.report.summary import ROWS, how_measured, pct
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#1a1a1a;max-width:60em}

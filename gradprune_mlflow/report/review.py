@@ -12,12 +12,12 @@ from mlflow import MlflowClient
 
 from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.defense.triggers import Trigger
-from gradprune_mlflow.registry import figures
-from gradprune_mlflow.registry.report_html import render_report
-from gradprune_mlflow.registry.summary import run_description
+from gradprune_mlflow.report import figures
+from gradprune_mlflow.report.html import render_report
+from gradprune_mlflow.report.summary import run_description
 
 NOTE_TAG = "mlflow.note.content"
-VALID_TAG = "gradprune.clean_set_valid"  # written by log.log_validation
+VALID_TAG = "gradprune.clean_set_valid"  # written by registry.log.log_validation
 
 
 def comparison_triggers(result, real: Trigger | None) -> list[tuple[str, Trigger]]:
