@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gradprune_mlflow import lab, load_clean_set, sanitize
-from gradprune_mlflow.cli.registry import parse_settings
+from gradprune_mlflow.cli.common import parse_settings
 
 HERE = Path(__file__).parent
 RUNS = {  # name -> (known trigger?, mode)

@@ -236,3 +236,34 @@ def test_outputs_when_nothing_was_flagged(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "class 7 not flagged (anomaly index 1.40)" in shown
     assert "no model written" in shown and "90.0%" in shown
+
+
+def test_every_sub_command_module_imports_and_registers():
+    import importlib
+
+    import typer
+
+    import gradprune_mlflow.cli as cli
+
+    names = set()
+    for name in cli.COMMANDS:
+        module = importlib.import_module(f"gradprune_mlflow.cli.{name}")
+        fresh = typer.Typer()
+        module.register(fresh)
+        added = [c.name for c in fresh.registered_commands] + [g.name for g in fresh.registered_groups]
+        assert added, f"cli/{name}.py registered no command"
+        names.update(added)
+    assert {"sanitize", "dataset", "scan", "webhook", "serve", "demo"} <= names
+    shown = typer.main.get_command(app).commands
+    assert names <= set(shown)
+
+
+def test_a_sub_command_module_that_does_not_import_is_an_error(monkeypatch):
+    import typer
+
+    import gradprune_mlflow.cli as cli
+
+    monkeypatch.setattr(cli, "app", typer.Typer())  # the real app stays as it is
+    monkeypatch.setattr(cli, "COMMANDS", ["no_such_command"])
+    with pytest.raises(ImportError, match="gradprune_mlflow.cli.no_such_command"):
+        cli._register_all()

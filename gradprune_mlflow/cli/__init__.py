@@ -26,11 +26,11 @@ except ImportError:  # older typer runs on click itself
 
 from gradprune_mlflow.errors import GradpruneError
 
-# Sub-command modules, in help order. A module that does not exist yet is skipped; one that fails to import is not.
+# Sub-command modules, in help order. Each must import: a missing or broken one stops the CLI with an error naming it.
 COMMANDS = [
     "sanitize",
     "dataset",   # gradprune dataset pack|push|validate
-    "registry",  # gradprune scan
+    "scan",      # gradprune scan
     "webhook",   # gradprune webhook serve|register
     "serve",     # gradprune serve
     "demo",      # gradprune demo
@@ -113,10 +113,9 @@ def _register_all() -> None:
         module_name = f"{__name__}.{name}"
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # not written yet
-            raise
+        except ImportError as exc:
+            # A silently missing sub-command would only show as "No such command" far from its cause.
+            raise ImportError(f"gradprune sub-command module {module_name} does not import: {exc}") from exc
         module.register(app)
 
 

@@ -57,7 +57,7 @@ def demo_command(
     ] = None,
 ) -> None:
     """Run the whole pipeline on local services: MLflow, S3 (moto), Prefect; leaves its data in DIR."""
-    from gradprune_mlflow.cli.registry import parse_settings, print_outcomes, quiet_output
+    from gradprune_mlflow.cli.common import parse_settings, print_outcomes, quiet_output
     from gradprune_mlflow.config import SanitizeConfig
 
     overrides = {**DEMO_SETTINGS, **parse_settings(settings)}

@@ -56,8 +56,8 @@ def sanitize_command(
 ) -> None:
     """Remove a backdoor from MODEL; writes DIR/report.json, DIR/pruning_history.json and the model DIR/model."""
     import gradprune_mlflow
+    from gradprune_mlflow.cli.common import parse_settings
     from gradprune_mlflow.cli.progress import terminal_progress
-    from gradprune_mlflow.cli.registry import parse_settings
     from gradprune_mlflow.config import SanitizeConfig
     from gradprune_mlflow.defense.triggers import load_trigger
     from gradprune_mlflow.errors import BadInput
@@ -123,16 +123,12 @@ def write_outputs(result: SanitizeResult, out: Path, *, input_shape: tuple[int, 
     return written
 
 
-def _pct(value: Any) -> str:
-    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "-"
-
-
 def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     """A before/after table and where the files are, on stdout."""
     from rich.console import Console
     from rich.table import Table
 
-    from gradprune_mlflow.report.summary import ROWS
+    from gradprune_mlflow.report.summary import ROWS, pct
 
     report, console = result.report, Console(soft_wrap=True)  # long paths stay on one line in logs
     table = Table(title="gradprune sanitize", title_justify="left")
@@ -140,7 +136,7 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for label, key in ROWS:
-        table.add_row(label, _pct((report.get("before") or {}).get(key)), _pct((report.get("after") or {}).get(key)))
+        table.add_row(label, pct((report.get("before") or {}).get(key)), pct((report.get("after") or {}).get(key)))
     console.print(table)
     for line in _facts(report):
         console.print(line, highlight=False)

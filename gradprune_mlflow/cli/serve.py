@@ -42,7 +42,7 @@ def serve_command(
         "--set", metavar="KEY=VALUE", help="Override a sanitizer setting (repeatable; see SanitizeConfig).")] = None,
 ) -> None:
     """Serve the webhook-triggered and the scheduled deployments against PREFECT_API_URL until stopped."""
-    from gradprune_mlflow.cli.registry import parse_settings, quiet_output
+    from gradprune_mlflow.cli.common import parse_settings, quiet_output
     from gradprune_mlflow.cli.webhook import require_prefect_api
     from gradprune_mlflow.config import SanitizeConfig
 
