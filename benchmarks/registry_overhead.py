@@ -61,7 +61,7 @@ def measure(work: Path, versions: int, rejected: int) -> list[dict]:
     from mlflow import MlflowClient
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.scan import scan_registry
+    from gradprune_flows.scan import scan_registry
     from gradprune_mlflow import lab
     from gradprune_mlflow.data.s3 import push_clean_set
     from gradprune_mlflow.local_services import mlflow_server, moto_s3, s3_env
@@ -100,5 +100,4 @@ def measure(work: Path, versions: int, rejected: int) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flows/ lives at the repository root
     sys.exit(main())

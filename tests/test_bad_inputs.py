@@ -23,8 +23,8 @@ from PIL import Image
 from registry_helpers import Evil, register_pyfunc_version, register_unsafe_version
 from services import patched_env, registry_stack
 
-from flows.sanitize import sanitize_model_version
-from flows.scan import scan_registry
+from gradprune_flows.sanitize import sanitize_model_version
+from gradprune_flows.scan import scan_registry
 from gradprune_mlflow import lab
 from gradprune_mlflow.data.cleanset import sha256_bytes, write_clean_set
 from gradprune_mlflow.data.s3 import push_clean_set, push_object

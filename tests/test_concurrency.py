@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from services import patched_env, registry_stack, stop_process_group
 
-from flows.scan import scan_registry
+from gradprune_flows.scan import scan_registry
 from gradprune_mlflow import lab
 from gradprune_mlflow.data.s3 import push_clean_set
 from gradprune_mlflow.models.zoo import create_model

@@ -140,7 +140,7 @@ def test_the_dockerfile_copies_what_exists_and_works_where_prefect_yaml_pulls():
 
 
 def test_prefect_yaml_names_real_flows_triggers_and_deployments():
-    from flows.deployments import model_version_trigger
+    from gradprune_flows.deployments import model_version_trigger
 
     config = load("prefect.yaml")
     deployments = {d["name"]: d for d in config["deployments"]}

@@ -23,7 +23,7 @@ from faults import FlakyProxy, Rule
 from mlflow import MlflowClient
 from services import ARTIFACT_BUCKET, DATA_BUCKET, free_port, mlflow_server, moto_s3, patched_env, s3_env
 
-from flows.scan import scan_registry
+from gradprune_flows.scan import scan_registry
 from gradprune_mlflow import lab
 from gradprune_mlflow.data.s3 import push_clean_set
 from gradprune_mlflow.models.zoo import create_model

@@ -1,4 +1,4 @@
-"""flows/ end to end: a real `mlflow server`, a real S3 API (moto) and Prefect's test harness.
+"""gradprune_flows end to end: a real `mlflow server`, a real S3 API (moto) and Prefect's test harness.
 
 One registry is set up per module and the tests run in order over it: the first scan does the work, the later tests
 check what it left and that nothing happens twice. Sanitizing uses the known BadNets trigger and short fine-tuning
@@ -16,8 +16,8 @@ from registry_helpers import register_pyfunc_version, register_unsafe_version, s
 from services import patched_env, registry_stack
 from typer.testing import CliRunner
 
-from flows.sanitize import sanitize_model_version
-from flows.scan import scan_registry
+from gradprune_flows.sanitize import sanitize_model_version
+from gradprune_flows.scan import scan_registry
 from gradprune_mlflow import lab
 from gradprune_mlflow.cli import app
 from gradprune_mlflow.data.cleanset import write_clean_set
@@ -198,7 +198,7 @@ def test_a_crash_marks_the_version_failed_and_the_scan_goes_on(first_scan, regis
 def test_the_run_and_the_flow_run_carry_what_reviewers_read(first_scan, registry):
     from prefect.artifacts import Artifact
 
-    from flows.sanitize import artifact_key
+    from gradprune_flows.sanitize import artifact_key
 
     client = registry["client"]
     outcome = first_scan[(GOOD, "1")]

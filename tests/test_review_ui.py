@@ -55,7 +55,7 @@ def _browser_or_stop() -> None:
 
 
 def sanitize_version(name: str, version: str, config: dict) -> dict:
-    """The steps of flows/sanitize.py in a row, for a test without Prefect; returns the outcome dict."""
+    """The steps of gradprune_flows/sanitize.py in a row, for a test without Prefect; returns the outcome dict."""
     job, held = steps.claim(name, version)
     run_id = steps.start(job, held, SanitizeConfig().with_overrides(**config))
     folder = steps.fetch(job.clean_data)

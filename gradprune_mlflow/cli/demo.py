@@ -102,7 +102,7 @@ def _run(root: Path, steps: _Steps, *, per_class: int, test_images: int, n_train
                 shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
                 steps.say(f"scanning the registry (Prefect flow scan-registry; the defense synthesizes its own "
                           f"trigger; settings: {shown})")
-                from flows.scan import scan_registry
+                from gradprune_flows.scan import scan_registry
 
                 outcomes = scan_registry(model=MODEL_NAME, config=overrides or None)
                 steps.say("scan done; stopping the local services")

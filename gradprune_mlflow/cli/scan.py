@@ -38,7 +38,7 @@ def scan_command(
     overrides = {**parse_settings(settings), **{k: v for k, v in chosen.items() if v is not None}}
     SanitizeConfig().with_overrides(**overrides)  # bad settings fail here, before any server starts
     quiet_output()
-    from flows.scan import scan_registry
+    from gradprune_flows.scan import scan_registry
 
     outcomes = scan_registry(model=model, config=overrides or None, min_per_class=min_per_class,
                              retry_failed=retry_failed)

@@ -1,6 +1,6 @@
 """`gradprune serve`: the event-triggered sanitize deployment and the scheduled reconciler, served from one process.
 
-Flow runs execute here, as subprocesses of this process, against PREFECT_API_URL (see flows/deployments.py).
+Flow runs execute here, as subprocesses of this process, against PREFECT_API_URL (see gradprune_flows/deployments.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def serve_command(
     SanitizeConfig().with_overrides(**overrides)  # bad settings fail here, before anything is registered
     require_reachable(require_prefect_api())
     quiet_output()
-    from flows.deployments import serve_deployments
+    from gradprune_flows.deployments import serve_deployments
 
     serve_deployments(limit=limit, scan_interval=scan_interval, config=overrides or None,
                       min_per_class=min_per_class)

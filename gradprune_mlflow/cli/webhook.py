@@ -1,8 +1,8 @@
 """`gradprune webhook serve|register`: MLflow's `model_version.created` webhook into Prefect events.
 
 `serve` runs the receiver (gradprune_mlflow/webhooks) under uvicorn and sends each verified delivery to the Prefect
-API as an event (flows/events.py); `register` creates (or updates) the MLflow webhook that delivers to it. Both take
-the shared secret from GRADPRUNE_WEBHOOK_SECRET.
+API as an event (gradprune_flows/events.py); `register` creates (or updates) the MLflow webhook that delivers to it.
+Both take the shared secret from GRADPRUNE_WEBHOOK_SECRET.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def serve_command(
     require_prefect_api()
     import uvicorn
 
-    from flows.events import emit_model_version_created
+    from gradprune_flows.events import emit_model_version_created
 
     _log_deliveries()
     typer.echo(f"gradprune webhook receiver on http://{host}:{port}/webhook")

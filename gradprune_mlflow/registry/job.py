@@ -1,4 +1,4 @@
-"""The steps of sanitizing one registered version, as plain functions. flows/ composes them into Prefect tasks.
+"""The steps of sanitizing one registered version, as plain functions. gradprune_flows composes them into Prefect tasks.
 
     claim -> start run -> fetch clean set -> validate (GX) -> load model -> load inputs -> sanitize -> log -> register
     -> finish

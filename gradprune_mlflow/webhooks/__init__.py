@@ -1,7 +1,7 @@
 """MLflow webhooks: signature checks, the replay cache and the ASGI receiver (no Prefect here).
 
 The receiver turns a verified `model_version.created` delivery into a call of an `emit` function it is given; the
-CLI passes one that sends a Prefect event (flows/events.py), so this package stays free of Prefect.
+CLI passes one that sends a Prefect event (gradprune_flows/events.py), so this package stays free of Prefect.
 """
 
 from gradprune_mlflow.webhooks.receiver import ModelVersionCreated, create_app

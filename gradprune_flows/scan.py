@@ -1,8 +1,8 @@
 """The `scan-registry` flow: one pass over the registry, one `sanitize-model-version` sub-flow per pending version.
 
-One version failing does not stop the others; each ends with a final status (see flows/sanitize.py). With `dispatch`
-(the served reconciler, flows/deployments.py) each version becomes a flow run of that deployment instead, under the
-idempotency key `NAME:VERSION`, so passes that find the same version again start nothing new.
+One version failing does not stop the others; each ends with a final status (see sanitize.py). With `dispatch` (the
+served reconciler, deployments.py) each version becomes a flow run of that deployment instead, under the idempotency
+key `NAME:VERSION`, so passes that find the same version again start nothing new.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 
-from flows.sanitize import sanitize_model_version
+from gradprune_flows.sanitize import sanitize_model_version
 from gradprune_mlflow.registry import job as steps
 from gradprune_mlflow.registry.pending import find_pending
 

@@ -16,8 +16,8 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from flows.sanitize import sanitize_model_version
-from flows.scan import scan_registry
+from gradprune_flows.sanitize import sanitize_model_version
+from gradprune_flows.scan import scan_registry
 from gradprune_mlflow.webhooks.receiver import EVENT
 
 SANITIZE_DEPLOYMENT = "gradprune-sanitize"
