@@ -24,18 +24,27 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def eval_mode(net: nn.Module):
+    """`net` in eval mode for the block, then every module back in its own mode (not all in the wrapper's: a model
+    may keep some modules, e.g. frozen BatchNorm, in eval mode while training)."""
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 @torch.no_grad()
 def logits(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits of `net` (in eval mode) for [0, 1] images, computed in batches on the net's device; returned on CPU."""
     device = next(net.parameters()).device
-    modes = {m: m.training for m in net.modules()}  # restore each module's own mode, not the wrapper's
-    net.eval()
     out = []
-    with autocast(device):
+    with eval_mode(net), autocast(device):
         for chunk in images.split(batch_size):
             out.append(net(chunk.to(device)).float().cpu())
-    for m, mode in modes.items():
-        m.training = mode
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.metrics import eval_mode
 from gradprune_mlflow.defense.triggers import Trigger
 
 
@@ -21,16 +22,13 @@ def unlearning_gradients(net: nn.Module, triggered: Split, batch_size: int = 256
     never re-estimated from triggered images. Returns the loss.
     """
     device = next(net.parameters()).device
-    modes = {m: m.training for m in net.modules()}
-    net.eval()
     net.zero_grad(set_to_none=True)
     total, n = 0.0, len(triggered)
-    for x, y in zip(triggered.images.split(batch_size), triggered.labels.split(batch_size), strict=True):
-        loss = F.cross_entropy(net(x.to(device)), y.to(device), reduction="sum") / n
-        loss.backward()
-        total += loss.item()
-    for m, mode in modes.items():
-        m.training = mode
+    with eval_mode(net):
+        for x, y in zip(triggered.images.split(batch_size), triggered.labels.split(batch_size), strict=True):
+            loss = F.cross_entropy(net(x.to(device)), y.to(device), reduction="sum") / n
+            loss.backward()
+            total += loss.item()
     return total
 
 

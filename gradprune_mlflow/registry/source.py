@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from gradprune_mlflow.errors import BadInput, DataError, GradpruneError, UnsafeModel, UnsupportedModel
+from gradprune_mlflow.errors import BadInput, DataError, UnsafeModel, UnsupportedModel
 
 
 @dataclass
@@ -29,11 +29,13 @@ def load_source(name: str, version: str) -> SourceModel:
     """
     from mlflow.models import Model
 
+    from gradprune_mlflow.models.download import download_model
     from gradprune_mlflow.models.io import load_mlflow_dir
 
     uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory(prefix="gradprune-source-") as tmp:
-        local = _download(uri, tmp)
+        # The version was listed a moment ago: MLflow refusing it is the server failing, not a wrong name.
+        local = download_model(uri, tmp, listed=True)
         mlmodel = local / "MLmodel"
         if not mlmodel.is_file():
             raise UnsupportedModel(f"{uri} is not an MLflow model folder (no MLmodel); log it with mlflow.pytorch")
@@ -124,18 +126,6 @@ def register_logged_model(info: Any, name: str, *, count: int = 1, description: 
     return [str(client.create_model_version(name, source=info.model_uri, run_id=info.run_id,
                                             description=description, model_id=info.model_id).version)
             for _ in range(count)]
-
-
-def _download(uri: str, dst: str) -> Path:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
-    except MlflowException as exc:
-        # The version was listed a moment ago, so this is the registry or its artifact store failing: retriable.
-        raise GradpruneError(f"cannot download {uri}: {str(exc).splitlines()[0]}; check the MLflow server and its "
-                             "artifact store") from None
 
 
 def _requirements(folder: Path) -> list[str]:
