@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.scores import MeanAbsGrad, Taylor, ranked_filters
+from gradprune_mlflow.defense.scores import MeanAbsGrad, ranked_filters
 from gradprune_mlflow.defense.triggers import PatchTrigger
 from gradprune_mlflow.defense.unlearning import triggered_copy, unlearning_gradients
 
@@ -44,13 +44,6 @@ def test_mean_abs_grad_is_the_hand_computed_mean_of_the_unlearning_gradient(grad
                                  for f in range(conv.out_channels)], dtype=torch.float64)
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-9)
         assert (got > 0).all()
-
-
-def test_taylor_is_the_mean_of_weight_times_gradient(graded):
-    work, _net, masks, _data = graded
-    conv = masks.convs["features.4"]
-    expected = torch.stack([(conv.weight[f] * conv.weight.grad[f]).abs().mean() for f in range(conv.out_channels)])
-    assert torch.allclose(Taylor()(conv), expected.detach())
 
 
 def test_a_conv_without_gradient_scores_zero(badnets_cnn):

@@ -1,7 +1,7 @@
-"""Filter importance criteria: one call per conv layer returns a 1-D score tensor (one score per output filter).
+"""Filter importance: Grad-Prune's score per output filter of a conv layer, and the global ranking built on it.
 
-Scores are read after a backward pass of the unlearning loss. Variants only fix constructor arguments, so a baseline's
-criterion can be swapped in by name.
+Scores are read after a backward pass of the unlearning loss. `ranked_filters` takes the score as a callable, so a
+test or an experiment can pass another criterion.
 """
 
 from __future__ import annotations
@@ -20,19 +20,6 @@ class MeanAbsGrad:
         if grad is None:
             return torch.zeros(conv.out_channels)
         return grad.detach().abs().flatten(1).mean(1).float().cpu()
-
-
-class Taylor:
-    """First-order Taylor score |w * dL/dw|, averaged over a filter's weights (Molchanov et al. 2017)."""
-
-    def __call__(self, conv: nn.Conv2d) -> torch.Tensor:
-        grad = conv.weight.grad
-        if grad is None:
-            return torch.zeros(conv.out_channels)
-        return (grad * conv.weight).detach().abs().flatten(1).mean(1).float().cpu()
-
-
-IMPORTANCE = {"mean_abs_grad": MeanAbsGrad, "taylor": Taylor}
 
 
 def ranked_filters(
