@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
 def sanitize_command(
     model: Annotated[str, typer.Argument(
         metavar="MODEL", show_default=False,
-        help="torch.save file of a whole nn.Module, MLflow model folder, or models:/name/3, models:/name@alias, "
-             "runs:/<run>/<path>.")],
+        help="torch.save file of a whole nn.Module, torch.jit.save or torch.export (.pt2) file, MLflow pytorch "
+             "model folder (pickle, pt2 or TorchScript), or models:/name/3, models:/name@alias, runs:/<run>/<path>.")],
     clean_data: Annotated[str, typer.Option(
         "--clean-data", metavar="DATA", show_default=False,
         help="Trusted clean image set: a folder in the clean-set layout or s3://bucket/prefix.")],
@@ -54,14 +54,15 @@ def sanitize_command(
         "--set", metavar="KEY=VALUE", help="Override a sanitizer setting (repeatable; see SanitizeConfig), e.g. "
                                            "--set finetune_epochs=10.")] = None,
 ) -> None:
-    """Remove a backdoor from MODEL; writes DIR/report.json, DIR/pruning_history.json and the model DIR/model."""
+    """Remove a backdoor from MODEL; writes DIR/report.json, DIR/pruning_history.json and the model in MODEL's
+    format: DIR/model (an MLflow model folder) or, for a TorchScript or pt2 file, DIR/model.pt / DIR/model.pt2."""
     import gradprune_mlflow
     from gradprune_mlflow.cli.common import parse_settings
     from gradprune_mlflow.cli.progress import terminal_progress
     from gradprune_mlflow.config import SanitizeConfig
     from gradprune_mlflow.defense.triggers import load_trigger
     from gradprune_mlflow.errors import BadInput
-    from gradprune_mlflow.models.io import load_model
+    from gradprune_mlflow.models.io import is_mlflow_uri, load_model, model_format
 
     overrides = parse_settings(settings)
     own = sorted(set(overrides) & {"mode", "device", "seed", "on_clean"})
@@ -74,6 +75,7 @@ def sanitize_command(
     clean_set = load_clean_data(clean_data)
     test_set = load_clean_data(test_data) if test_data else None
     net = load_model(model)
+    fmt = model_format(net, from_file=not is_mlflow_uri(model) and Path(model.removeprefix("file://")).is_file())
 
     progress = terminal_progress()
     try:
@@ -81,6 +83,7 @@ def sanitize_command(
                                            test_set=test_set, progress=progress)
     finally:
         progress.close()
+    result.report["model_format"] = fmt
     written = write_outputs(result, out, input_shape=clean_set.meta.input_shape)
     print_summary(result, written)
 

@@ -1,5 +1,9 @@
 """The filter mask set: which conv output filters are pruned, and the means to hold them at exactly zero.
 
+A filter is an output channel of a 4-D conv weight. For eager modules the convs are nn.Conv2d modules and their
+BatchNorms are found by a traced forward; a saved-format adapter (pt2, TorchScript) names the same tensors from its
+graph (`conv_filters`, see models/filters.py), and everything below works on those tensors alike.
+
 A pruned filter's output channel is exactly zero: its weights and bias are zeroed, and so are the gamma AND beta of a
 BatchNorm that directly consumes the conv's output (zeroing gamma alone would leave beta as a constant channel).
 Masks are held by re-applying them after every optimiser step, so pruned filters cannot regrow; the saved model is a
@@ -71,8 +75,15 @@ class FilterMasks:
     """Pruned filters of every conv layer, kept as boolean masks, plus the pruning history."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        self.convs = conv_layers(model)
-        self.bns = following_batchnorms(model, example)
+        found = getattr(model, "conv_filters", None)
+        if found is not None:  # a saved-format adapter (models/adapter.py): filters found from its graph
+            self.convs, self.bns = found()
+            if not self.convs:
+                raise UnsupportedModel("the model has no 2-D conv layer; Grad-Prune prunes conv filters, so it "
+                                       "cannot be sanitized")
+        else:
+            self.convs = conv_layers(model)
+            self.bns = following_batchnorms(model, example)
         self.pruned = {name: torch.zeros(c.out_channels, dtype=torch.bool) for name, c in self.convs.items()}
         self.history: list[dict[str, Any]] = []
 

@@ -177,8 +177,10 @@ def run_defense(source: SourceModel, inputs: Inputs, config: SanitizeConfig, pro
     import gradprune_mlflow
 
     check_input_shape(source, inputs.clean_set.meta.input_shape)
-    return gradprune_mlflow.sanitize(source.model, inputs.clean_set, inputs.trigger, config,
-                                     eval_trigger=inputs.eval_trigger, test_set=inputs.test_set, progress=progress)
+    result = gradprune_mlflow.sanitize(source.model, inputs.clean_set, inputs.trigger, config,
+                                       eval_trigger=inputs.eval_trigger, test_set=inputs.test_set, progress=progress)
+    result.report["model_format"] = source.model_format
+    return result
 
 
 def log(run_id: str, result, inputs: Inputs, client: MlflowClient | None = None, *, job: PendingVersion | None = None,
@@ -188,6 +190,11 @@ def log(run_id: str, result, inputs: Inputs, client: MlflowClient | None = None,
     metrics."""
     client = client or MlflowClient()
     metrics = runlog.log_result(client, run_id, result, inputs.clean_set)
+    fmt = result.report.get("model_format")
+    if fmt:
+        client.log_param(run_id, "model_format", fmt)
+        if job is not None:
+            client.set_model_version_tag(job.name, job.version, T.MODEL_FORMAT, fmt)
     if job is not None:
         source_page = runlog.version_url(client, job.name, job.version)
         review.log_review(client, run_id, result, model=job.name, version=job.version, clean_set=inputs.clean_set,

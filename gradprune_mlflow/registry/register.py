@@ -32,12 +32,18 @@ class ClaimLost(GradpruneError):
 
 
 def log_sanitized_model(run_id: str, model: nn.Module, source: SourceModel, input_shape) -> Any:
-    """Log `model` into run `run_id` with the pytorch flavor (pickle format, like the source), the source's signature
+    """Log `model` into run `run_id` in its source's format: an adapter (pt2, TorchScript) as the source's folder with
+    new weights (models/mlflow_log.py); an eager module with the pytorch flavor (pickle format), the source's signature
     (inferred from a forward pass when the source has none) and the source's pip requirements. Returns ModelInfo."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
+    from gradprune_mlflow.models.adapter import FormatAdapter
+    from gradprune_mlflow.models.mlflow_log import log_in_format
+
+    if isinstance(model, FormatAdapter):  # pt2 and TorchScript go back in their own format and folder
+        return log_in_format(model, run_id, MODEL_NAME)
     model = model.cpu().eval()
     signature = source.signature
     if signature is None:
@@ -69,6 +75,8 @@ def register_sanitized(
     after the version was created; in both cases the new version is deleted and no alias has moved.
     """
     tags = {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: claim.version, T.RUN_ID: run_id}
+    if report.get("model_format"):
+        tags[T.MODEL_FORMAT] = report["model_format"]
     mv = client.create_model_version(
         claim.name, source=model_info.model_uri, run_id=run_id, tags=tags, run_link=run_link,
         description=describe(report, claim.version, run_link), model_id=getattr(model_info, "model_id", None),

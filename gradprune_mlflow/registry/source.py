@@ -14,11 +14,13 @@ from gradprune_mlflow.errors import BadInput, DataError, UnsafeModel, Unsupporte
 
 @dataclass
 class SourceModel:
-    """A loaded source version: the module, its MLflow signature (or None) and its pip requirements."""
+    """A loaded source version: the module, its MLflow signature (or None), its pip requirements and the format it
+    was saved in (models.loading.model_format)."""
 
     model: nn.Module
     signature: object | None = None
     requirements: list[str] = field(default_factory=list)
+    model_format: str = "pickle"
 
 
 def load_source(name: str, version: str) -> SourceModel:
@@ -30,7 +32,7 @@ def load_source(name: str, version: str) -> SourceModel:
     from mlflow.models import Model
 
     from gradprune_mlflow.models.download import download_model
-    from gradprune_mlflow.models.io import load_mlflow_dir
+    from gradprune_mlflow.models.io import load_mlflow_dir, model_format
 
     uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory(prefix="gradprune-source-") as tmp:
@@ -49,7 +51,7 @@ def load_source(name: str, version: str) -> SourceModel:
             raise
         except BadInput as exc:  # an unloadable model is the model's problem: unsupported, not bad data
             raise UnsupportedModel(exc.message) from None
-        return SourceModel(model, meta.signature, _requirements(local))
+        return SourceModel(model, meta.signature, _requirements(local), model_format(model, from_file=False))
 
 
 def check_input_shape(source: SourceModel, input_shape) -> None:

@@ -12,6 +12,8 @@ STATUS = "gradprune.status"
 REASON = "gradprune.reason"
 RUN_ID = "gradprune.run_id"
 SANITIZED_VERSION = "gradprune.sanitized_version"
+# The saved format the version came in (pickle, pt2, torchscript); on sanitized versions too, which keep it.
+MODEL_FORMAT = "gradprune.model_format"
 # The claim: who works on a version and until when (seconds since the epoch). See claim.py.
 CLAIM_ID = "gradprune.claim_id"
 LEASE_UNTIL = "gradprune.lease_until"

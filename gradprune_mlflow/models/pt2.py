@@ -1,0 +1,138 @@
+"""pt2 models (torch.export, MLflow's default pytorch format): trained through the exported program's own graph.
+
+`ExportedProgram.module()` is an fx GraphModule whose parameters are real nn.Parameters, so they train and can be
+zeroed like an eager model's; the graph itself is never changed, and the sanitized program is the loaded program with
+its state_dict replaced. Two things the graph fixes are worked around, never edited:
+- it refuses `.eval()`/`.train()`: the adapter's own `train` does not reach it. An eval-mode export runs BatchNorm
+  on its running statistics, which is what fine-tuning with frozen BatchNorm needs; a training-mode export (batch
+  statistics, buffers updated in the graph) is refused.
+- MLflow exports with the input example's shapes, so a program exported from one image accepts batch size 1 only
+  (a guard, and reshapes to batch 1 in the graph): the adapter runs such a program per image under torch.func.vmap,
+  which batches the same ops. A program with a dynamic batch is called directly (padded up to its smallest batch).
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+from gradprune_mlflow.errors import UnsupportedModel
+from gradprune_mlflow.models.adapter import FormatAdapter, Source
+from gradprune_mlflow.models.filters import FilterSpec, layer_name
+
+FORMAT = "pt2"
+_aten = torch.ops.aten
+# op -> (index of the weight argument, index of the `transposed` flag or None)
+_CONVS = {_aten.conv2d.default: None, _aten.convolution.default: 6}
+# op -> index of the `training` flag (None: the op is inference-only)
+_NORMS = {_aten.batch_norm.default: 5, _aten._native_batch_norm_legit_no_training.default: None}
+_TRAINING_NORMS = {_aten._native_batch_norm_legit.default, _aten._native_batch_norm_legit_functional.default,
+                   _aten.native_batch_norm.default, _aten.cudnn_batch_norm.default}
+
+
+def _names(ep: torch.export.ExportedProgram) -> dict[str, str]:
+    sig = ep.graph_signature
+    return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+
+
+def graph_filters(ep: torch.export.ExportedProgram, name: str) -> list[FilterSpec]:
+    """The program's conv filters from its aten graph: each 4-D conv weight and the BatchNorm fed by its output.
+
+    Raises UnsupportedModel when the program was exported in training mode (BatchNorm on batch statistics).
+    """
+    names = _names(ep)
+    state = ep.state_dict
+    specs: dict[str, FilterSpec] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _TRAINING_NORMS or (node.target in _NORMS and _NORMS[node.target] is not None
+                                               and node.args[_NORMS[node.target]] is True):
+            raise UnsupportedModel(f"{name} was exported in training mode (BatchNorm uses batch statistics in its "
+                                   "graph); call model.eval() before logging or exporting it")
+        if node.target not in _CONVS:
+            continue
+        flag = _CONVS[node.target]
+        if flag is not None and len(node.args) > flag and node.args[flag]:
+            continue  # transposed conv: its output channels are not the weight's first dimension
+        weight = names.get(getattr(node.args[1], "name", ""))
+        if weight is None or weight in {s.weight for s in specs.values()} or state[weight].ndim != 4:
+            continue
+        bias = names.get(getattr(node.args[2], "name", "")) if len(node.args) > 2 else None
+        norm = [u for u in node.users if u.target in _NORMS and u.args[0] is node]
+        if len(norm) == 1:
+            w, b, mean = (names.get(getattr(a, "name", "")) for a in norm[0].args[1:4])
+            specs[weight] = FilterSpec(layer_name(weight), weight, bias, w, b, mean)
+        else:
+            specs[weight] = FilterSpec(layer_name(weight), weight, bias)
+    return list(specs.values())
+
+
+def _batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None]:
+    """(smallest, largest) batch size the program accepts; largest None when unbounded."""
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in _names(ep)
+            and n.name in ep.graph_signature.user_inputs]
+    if len(user) != 1:
+        raise UnsupportedModel(f"the exported program takes {len(user)} inputs; gradprune sanitizes image "
+                               "classifiers with one image-batch input")
+    dim = user[0].meta["val"].shape[0]
+    if isinstance(dim, int):
+        return dim, dim
+    rng = ep.range_constraints.get(dim.node.expr)
+    if rng is None:
+        return 1, None
+    try:
+        high = int(rng.upper)
+    except (TypeError, ValueError, OverflowError, AttributeError):  # unbounded: sympy's or torch's own infinity
+        high = None
+    return int(rng.lower), high
+
+
+class ExportedModel(FormatAdapter):
+    """A pt2 program as a trainable module of any batch size; `write` saves it as pt2 with the new weights."""
+
+    model_format = FORMAT
+
+    def __init__(self, archive: bytes, source: Source, name: str):
+        ep = torch.export.load(io.BytesIO(archive))
+        specs = graph_filters(ep, name)
+        low, high = _batch_range(ep)
+        if high is not None and high != 1 and low == high:
+            raise UnsupportedModel(f"{name} was exported for batches of exactly {low}; export it with a batch of "
+                                   "one or a dynamic batch dimension")
+        super().__init__(source, specs)
+        self.program = ep.module()
+        self.archive = archive
+        self.per_image = high == 1
+        self.min_batch = max(low, 1)
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.program
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        # The graph fixes the mode (see the module docstring); the GraphModule refuses to be told otherwise.
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_image:
+            return torch.func.vmap(lambda one: self.program(one.unsqueeze(0)).squeeze(0))(x)
+        n = x.shape[0]
+        if n < self.min_batch:  # rows are independent in an eval-mode graph: repeat, then keep the real ones
+            x = torch.cat([x, x[:1].expand(self.min_batch - n, *x.shape[1:])])
+        return self.program(x)[:n]
+
+    def model_bytes(self) -> bytes:
+        ep = torch.export.load(io.BytesIO(self.archive))
+        current = dict(self.program.named_parameters()) | dict(self.program.named_buffers())
+        with torch.no_grad():
+            for key, old in list(ep.state_dict.items()):
+                new = current[key].detach().to(device=old.device, dtype=old.dtype).clone()
+                ep.state_dict[key] = nn.Parameter(new, requires_grad=old.requires_grad) \
+                    if isinstance(old, nn.Parameter) else new
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        return buf.getvalue()
