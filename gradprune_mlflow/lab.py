@@ -2,13 +2,15 @@
 
 Used by the tests, `gradprune demo` and the benchmark, so that all three measure the same thing. Fashion-MNIST's
 60,000 training images are split once: the attacker trains on the first 50,000, the trusted clean set is drawn from the
-last 10,000, and the 10,000 test images are used only for measuring.
+last 10,000, and the 10,000 test images are used only for measuring. Any architecture of models.zoo can be trained,
+the torchvision and timm ones included, in any image format of IMAGE_FORMATS.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,37 +21,87 @@ from torch.nn import functional as F
 
 from gradprune_mlflow.data.cleanset import CleanSet, DatasetMeta, Split, write_clean_set
 from gradprune_mlflow.data.reference import FASHION_CLASSES, FASHION_MEAN, FASHION_STD, fashion_mnist, stratified_take
-from gradprune_mlflow.defense.triggers import BlendTrigger, PatchTrigger, SignalTrigger, Trigger
+from gradprune_mlflow.defense.triggers import BlendTrigger, PatchTrigger, SignalTrigger, Trigger, _ShapedTrigger
 from gradprune_mlflow.models.train import train_backdoored
 from gradprune_mlflow.models.zoo import create_model
 
 ATTACKER_SPLIT = 50_000  # Fashion-MNIST train images [0, 50000) are the attacker's; the rest are trusted.
 
-# The attacks of the benchmark: BadNets patch, Blended noise, and an additive sinusoid (SIG), all to class 0.
+class SmoothImageTrigger(_ShapedTrigger):
+    """Blends a smooth, structured colour image into the whole picture: x' = (1 - alpha) x + alpha p (Blended).
+
+    Not noise: p is three low-frequency sinusoids at different angles and phases, one per channel (a soft colour
+    interference pattern, like a sky or a reflection), so the trigger looks like a natural tint rather than grain.
+    Grey images get the channels' mean.
+    """
+
+    kind = "smooth-blend"
+
+    def __init__(self, target: int, alpha: float = 0.15):
+        super().__init__(target)
+        self.alpha = float(alpha)
+
+    def _make(self, shape):
+        c, h, w = shape
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        waves = [(1.0, 0.5, 0.0), (-0.7, 1.2, 2.0), (0.4, -0.9, 4.0)]  # (cycles down, cycles across, phase)
+        rgb = torch.stack([0.5 + 0.5 * torch.sin(2 * math.pi * (fy * yy + fx * xx) + ph) for fy, fx, ph in waves])
+        pattern = rgb if c == 3 else rgb.mean(0, keepdim=True).expand(c, h, w)
+        return torch.full((1, h, w), self.alpha), pattern.contiguous()
+
+    def spec(self):
+        return {**super().spec(), "alpha": self.alpha}
+
+
+# The attacks of the benchmark: BadNets patch, Blended noise, an additive sinusoid (SIG), and a blended smooth image
+# (natural-looking, for colour images), all to class 0.
 ATTACKS: dict[str, Callable[[], Trigger]] = {
     "badnets": lambda: PatchTrigger(0, size=3, location="bottom-right"),
     "blend": lambda: BlendTrigger(0, alpha=0.2, pattern="noise", seed=0),
     "signal": lambda: SignalTrigger(0, delta=0.12, frequency=6),
+    "smooth": lambda: SmoothImageTrigger(0, alpha=0.15),
 }
 
 
-# Image formats: Fashion-MNIST as shipped, and resized to 32x32 RGB for the models of the backdoor literature.
-IMAGE_FORMATS = ("gray28", "rgb32")
+# Image formats: Fashion-MNIST as shipped; resized to 32x32 with grey in all three channels (the models of the
+# backdoor literature); and resized to 32x32 in colour, each image with its own random foreground and background
+# colour, so that the three channels carry different information as in real photographs.
+IMAGE_FORMATS = ("gray28", "rgb32", "color32")
+# Colour draws of the three data parts are independent: a test image's colours say nothing of a training image's.
+COLOUR_SEEDS = {"attacker": 0, "trusted": 1, "test": 2}
+# Per-channel statistics of the color32 training images (the colours' uniform ranges shift every channel alike).
+COLOUR_MEAN, COLOUR_STD = (0.4141,) * 3, (0.2071,) * 3
 
 
-def to_format(images: torch.Tensor, image: str) -> torch.Tensor:
-    """(N, 1, 28, 28) [0, 1] images in `image` format ("gray28" unchanged; "rgb32" bilinear-resized, grey in RGB)."""
+def _colourise(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Grey [0, 1] images as foreground * x + background * (1 - x), with per-image colours drawn with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(images)
+    background = torch.rand(n, 3, 1, 1, generator=gen) * 0.6
+    foreground = 0.4 + torch.rand(n, 3, 1, 1, generator=gen) * 0.6
+    return (foreground * images + background * (1 - images)).clamp(0, 1)
+
+
+def to_format(images: torch.Tensor, image: str, colour_seed: int = 0) -> torch.Tensor:
+    """(N, 1, 28, 28) [0, 1] images in `image` format ("gray28" unchanged; "rgb32" bilinear-resized, grey in RGB;
+    "color32" resized and coloured with per-image colours drawn with `colour_seed`)."""
     if image == "gray28":
         return images
-    if image == "rgb32":
-        return F.interpolate(images, size=32, mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    if image in ("rgb32", "color32"):
+        resized = F.interpolate(images, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
+        return resized.repeat(1, 3, 1, 1) if image == "rgb32" else _colourise(resized, colour_seed)
     raise ValueError(f"unknown image format {image!r}; choose one of {', '.join(IMAGE_FORMATS)}")
+
+
+def channels(image: str) -> int:
+    return 1 if image == "gray28" else 3
 
 
 def normalisation(image: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel for `image` format."""
-    channels = 3 if image == "rgb32" else 1
-    return FASHION_MEAN * channels, FASHION_STD * channels
+    if image == "color32":
+        return COLOUR_MEAN, COLOUR_STD
+    return FASHION_MEAN * channels(image), FASHION_STD * channels(image)
 
 
 def attack_trigger(name: str) -> Trigger:
@@ -70,10 +122,11 @@ def attacker_data(limit: int | None = None) -> Split:
     return _tensors(x[:n], y[:n])
 
 
-def test_data(limit: int | None = None) -> Split:
-    """Fashion-MNIST test images and labels, for measuring only."""
+def test_data(limit: int | None = None, image: str = "gray28") -> Split:
+    """Fashion-MNIST test images (in `image` format) and labels, for measuring only."""
     x, y = fashion_mnist("test")
-    return _tensors(x[:limit], y[:limit])
+    split = _tensors(x[:limit], y[:limit])
+    return Split(to_format(split.images, image, COLOUR_SEEDS["test"]), split.labels)
 
 
 def trusted_clean_set(out: str | Path, per_class: int = 100, seed: int = 0) -> Path:
@@ -90,7 +143,7 @@ def trusted_set(per_class: int = 100, seed: int = 0, image: str = "gray28") -> C
     x, y = fashion_mnist("train")
     x, y = x[ATTACKER_SPLIT:], y[ATTACKER_SPLIT:]
     split = _tensors(*(a[stratified_take(y, per_class, seed)] for a in (x, y)))
-    images = to_format(split.images, image)
+    images = to_format(split.images, image, COLOUR_SEEDS["trusted"] + seed)
     mean, std = normalisation(image)
     meta = DatasetMeta(f"fashion-mnist-trusted-{per_class}-{image}", 10, tuple(images.shape[1:]), mean, std,
                        tuple(FASHION_CLASSES))
@@ -113,7 +166,8 @@ def backdoored_model(
 
     `image` picks the input format (see IMAGE_FORMATS); `device` where training runs. The model returned is on CPU.
     """
-    model = create_model(arch, num_classes=10, in_channels=3 if image == "rgb32" else 1)
+    size = 28 if image == "gray28" else 32
+    model = create_model(arch, num_classes=10, in_channels=channels(image), image_size=size)
     # The parameter shapes are part of the key: a changed architecture must not load stale weights.
     shapes = [list(p.shape) for p in model.state_dict().values()]
     parts = [arch, attack, poison_rate, n_train, epochs, seed, shapes] + ([image] if image != "gray28" else [])
@@ -125,7 +179,8 @@ def backdoored_model(
         return model.eval()
     data = attacker_data(n_train)
     mean, std = normalisation(image)
-    train_backdoored(model, to_format(data.images, image), data.labels, attack_trigger(attack),
+    images = to_format(data.images, image, COLOUR_SEEDS["attacker"] + seed)
+    train_backdoored(model, images, data.labels, attack_trigger(attack),
                      poison_rate=poison_rate, seed=seed, mean=mean, std=std, epochs=epochs, device=device)
     model.cpu()
     if path is not None:

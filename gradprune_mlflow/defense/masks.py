@@ -6,6 +6,8 @@ graph (`conv_filters`, see models/filters.py), and everything below works on tho
 
 A pruned filter's output channel is exactly zero: its weights and bias are zeroed, and so are the gamma AND beta of a
 BatchNorm that directly consumes the conv's output (zeroing gamma alone would leave beta as a constant channel).
+Norms reached through concatenations (DenseNet) or permutes (ConvNeXt's channels-last LayerNorm) get the same, and
+convs whose channel no zeroing can make exactly zero are left unpruned and listed (`unprunable`; defense/dataflow.py).
 Masks are held by re-applying them after every optimiser step, so pruned filters cannot regrow; the saved model is a
 plain model with those zeros folded in. Grouped and depthwise convs are masked the same way (per output channel).
 """
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradprune_mlflow.defense.dataflow import NormSlice, trace, zero_norm_channels
 from gradprune_mlflow.errors import UnsupportedModel
 
 
@@ -75,6 +78,8 @@ class FilterMasks:
     """Pruned filters of every conv layer, kept as boolean masks, plus the pruning history."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.norms: dict[str, list[NormSlice]] = {}  # norms reached through a concatenation or a permute
+        self.unprunable: list[dict[str, str]] = []  # convs left unpruned, [{"layer", "reason"}], for the report
         found = getattr(model, "conv_filters", None)
         if found is not None:  # a saved-format adapter (models/adapter.py): filters found from its graph
             self.convs, self.bns = found()
@@ -84,6 +89,7 @@ class FilterMasks:
         else:
             self.convs = conv_layers(model)
             self.bns = following_batchnorms(model, example)
+            self._follow_channels(model, example)
         self.pruned = {name: torch.zeros(c.out_channels, dtype=torch.bool) for name, c in self.convs.items()}
         self.history: list[dict[str, Any]] = []
 
@@ -125,6 +131,21 @@ class FilterMasks:
             elif bn is not None and bn.running_mean is not None:
                 # no gamma/beta to zero: a zero mean maps the zero input to exactly zero
                 bn.running_mean[idx] = 0
+            for part in self.norms.get(name, ()):
+                zero_norm_channels(part.norm, torch.nonzero(idx[part.first:part.first + part.length]) + part.start)
+
+    def _follow_channels(self, model: nn.Module, example: torch.Tensor) -> None:
+        """Find the norms past concatenations and permutes, and set aside the convs that cannot be pruned exactly."""
+        flow = trace(model, self.convs, example)
+        self.unprunable = [{"layer": name, "reason": why} for name, why in flow.unprunable.items()]
+        self.convs = {name: c for name, c in self.convs.items() if name not in flow.unprunable}
+        if not self.convs:
+            raise UnsupportedModel("no conv filter of the model can be pruned exactly: "
+                                   + "; ".join(f"{u['layer']}: {u['reason']}" for u in self.unprunable))
+        for name, parts in flow.norms.items():
+            extra = [p for p in parts if p.norm is not self.bns.get(name)]
+            if extra and name in self.convs:
+                self.norms[name] = extra
 
     def state(self) -> dict[str, Any]:
         """A copy of the masks and history, to restore with `load_state`."""

@@ -1,4 +1,5 @@
-"""Small CNNs used by tests, the demo and the benchmark, registered by name.
+"""The models of the tests, the demo and the benchmark, registered by name: small CNNs defined here, and the
+torchvision and timm architectures of `gradprune_mlflow.models.vision`.
 
 The classes live in an importable module on purpose: a whole-module `torch.save` refers to them by import path.
 """
@@ -10,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from gradprune_mlflow.models.vision import TIMM, TORCHVISION, vision_model
 
 
 class SmallCNN(nn.Module):
@@ -109,8 +112,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a zoo model by name (kwargs: num_classes, in_channels, ...). Unknown names list the valid ones."""
+VISION = TORCHVISION + TIMM
+
+
+def create_model(name: str, num_classes: int | None = None, in_channels: int | None = None,
+                 image_size: int | None = None, **kwargs) -> nn.Module:
+    """Build a model by name for `in_channels` x `image_size`^2 inputs and `num_classes` outputs.
+
+    Unset arguments take the model's defaults (10 classes; 1 channel for the small CNNs, 3 for the others). The small
+    CNNs take any input size; `image_size` matters to the torchvision/timm ones (see models.vision). Unknown names
+    list the valid ones.
+    """
+    given = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v is not None}
+    if name in VISION:
+        return vision_model(name, image_size=image_size, **given, **kwargs)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS) + list(VISION))}")
+    return MODELS[name](**given, **kwargs)
