@@ -7,8 +7,8 @@ import math
 import torch
 
 from gradprune_mlflow.config import SanitizeConfig
-from gradprune_mlflow.defense.pipeline import unlearning_mix
 from gradprune_mlflow.defense.synthesis import FamilyResult
+from gradprune_mlflow.defense.triggerfree import unlearning_mix
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix
 
