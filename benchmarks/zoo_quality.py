@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/zoo_quality.py [--archs resnet18 mobilenet_v3_small] [--attacks badnets smooth]
                                                [--runs fast-known fast-free] [--per-class 50] [--train-only]
+                                               [--pairs resnet18:badnets ...]
 
 Trains (or reuses, from benchmarks/cache) each architecture with random initial weights on `--n-train` of the
 attacker's images in the lab's color32 format (per-image random colours) with 10% poison, draws a trusted set of
 `--per-class` images per class from the other 10,000, runs `gradprune_mlflow.sanitize` and measures on the 10,000
-test images with the real trigger (evaluation only: it never reaches the defense). Every known-trigger row runs
-before any trigger-free one. Writes benchmarks/results/zoo-quality.csv and .md after every row.
+test images with the real trigger (evaluation only: it never reaches the defense). A model is trained when it is
+first needed, and every known-trigger row runs before any trigger-free one. Writes benchmarks/results/zoo-quality.csv
+and .md after every row.
 """
 
 from __future__ import annotations
@@ -40,25 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="attacker's training epochs")
     ap.add_argument("--seed", type=int, default=0, help="the attacker's training seed, the trusted draw and the "
                     "defense's seed")
+    ap.add_argument("--pairs", nargs="+", metavar="ARCH:ATTACK", help="the models to measure, in this order "
+                    "(default: every arch with every attack)")
     ap.add_argument("--train-only", action="store_true", help="train and cache the models, measure nothing")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "zoo-quality")
     args = ap.parse_args(argv)
-    models = {}
-    for arch in args.archs:
-        for attack in args.attacks:
-            start = time.perf_counter()
-            models[arch, attack] = lab.backdoored_model(arch, attack, n_train=args.n_train, epochs=args.epochs,
-                                                        seed=args.seed, cache_dir=HERE / "cache", image=IMAGE)
-            print(f"[{arch} {attack}] trained or loaded in {time.perf_counter() - start:.0f} s", flush=True)
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else \
+        [(arch, attack) for arch in args.archs for attack in args.attacks]
     if args.train_only:
+        for arch, attack in pairs:
+            _model(args, arch, attack)
         return 0
     test = lab.test_data(image=IMAGE)
     clean = lab.trusted_set(args.per_class, seed=args.seed, image=IMAGE)
     rows = []
     for run in args.runs:
         known, mode = RUNS[run]
-        for (arch, attack), model in models.items():
-            trigger = lab.attack_trigger(attack)
+        for arch, attack in pairs:
+            model, trigger = _model(args, arch, attack), lab.attack_trigger(attack)
             start = time.perf_counter()
             result = sanitize(model, clean, trigger if known else None, mode=mode, seed=args.seed,
                               eval_trigger=trigger, test_set=test, on_clean="sanitize")
@@ -68,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
             _write(args, rows)
     return 0
+
+
+def _model(args, arch: str, attack: str) -> torch.nn.Module:
+    """The backdoored model, trained on first use and cached in benchmarks/cache."""
+    start = time.perf_counter()
+    model = lab.backdoored_model(arch, attack, n_train=args.n_train, epochs=args.epochs, seed=args.seed,
+                                 cache_dir=HERE / "cache", image=IMAGE)
+    print(f"[{arch} {attack}] trained or loaded in {time.perf_counter() - start:.0f} s", flush=True)
+    return model
 
 
 def _write(args, rows: list[dict]) -> None:
