@@ -11,6 +11,8 @@ import io
 import json
 import os
 import pickle
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -47,10 +49,30 @@ def small(arch: str = "small_cnn") -> torch.nn.Module:
     return create_model(arch).eval()
 
 
-def pt2_folder(path: Path, model: torch.nn.Module, batch: int = 1) -> Path:
-    """An MLflow model saved the way MLflow documents it: pt2 is the default, traced from the input example."""
-    mlflow.pytorch.save_model(model, str(path), input_example=torch.rand(batch, *SHAPE).numpy())
+_SAVED: dict[tuple, Path] = {}
+
+
+def _once(key: tuple, path: Path, save) -> Path:
+    """Save each (model, format) once per module and copy it: exporting and logging take seconds each."""
+    if key not in _SAVED:
+        _SAVED[key] = Path(tempfile.mkdtemp(prefix="formats-")) / "saved"
+        save(_SAVED[key])
+    if _SAVED[key].is_dir():
+        shutil.copytree(_SAVED[key], path)
+    else:
+        shutil.copyfile(_SAVED[key], path)
     return path
+
+
+def _arch(model: torch.nn.Module) -> tuple:
+    return type(model).__name__, tuple(float(p.sum()) for p in model.parameters())
+
+
+def pt2_folder(path: Path, model: torch.nn.Module, batch: int = 1) -> Path:
+    """An MLflow model saved the way MLflow documents it: pt2 is the default, traced from the input example
+    (requirements given, so that MLflow does not load the model again to infer them)."""
+    return _once(("pt2", batch, *_arch(model)), path, lambda p: mlflow.pytorch.save_model(
+        model, str(p), input_example=torch.rand(batch, *SHAPE).numpy(), pip_requirements=["torch"]))
 
 
 def script_file(path: Path, model: torch.nn.Module) -> Path:
@@ -59,8 +81,8 @@ def script_file(path: Path, model: torch.nn.Module) -> Path:
 
 
 def script_folder(path: Path, model: torch.nn.Module) -> Path:
-    mlflow.pytorch.save_model(torch.jit.script(model), str(path), serialization_format="pickle")
-    return path
+    return _once(("ts", *_arch(model)), path, lambda p: mlflow.pytorch.save_model(
+        torch.jit.script(model), str(p), serialization_format="pickle", pip_requirements=["torch"]))
 
 
 def probe(n: int = 5) -> torch.Tensor:
@@ -79,7 +101,7 @@ def rewrite(archive: Path, replace: dict[str, bytes], out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "pt2-dynamic", "torchscript-file", "torchscript-mlflow"])
+@pytest.mark.parametrize("fmt", ["pt2", "pt2-dynamic", "torchscript-file", "torchscript-traced", "torchscript-mlflow"])
 def test_each_format_loads_as_an_adapter_that_computes_what_the_model_does(tmp_path, fmt):
     model = small()
     if fmt.startswith("pt2"):
@@ -87,6 +109,10 @@ def test_each_format_loads_as_an_adapter_that_computes_what_the_model_does(tmp_p
         assert isinstance(loaded, ExportedModel) and loaded.per_image == (fmt == "pt2")
     elif fmt == "torchscript-file":
         loaded = load_model(script_file(tmp_path / "m.pt", model))
+        assert isinstance(loaded, ScriptedModel)
+    elif fmt == "torchscript-traced":
+        torch.jit.save(torch.jit.trace(model, probe(2)), tmp_path / "m.pt")
+        loaded = load_model(tmp_path / "m.pt")
         assert isinstance(loaded, ScriptedModel)
     else:
         loaded = load_model(script_folder(tmp_path / "m", model))
@@ -280,7 +306,10 @@ def test_damaged_archives_are_bad_input(tmp_path, fmt, damage):
 # -- the command line ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_cli_sanitizes_pt2_and_torchscript_in_their_own_format(tmp_path, clean_set_dir):
+def test_cli_sanitizes_pt2_and_torchscript_in_their_own_format(tmp_path):
+    from gradprune_mlflow import lab
+
+    clean_set_dir = lab.trusted_clean_set(tmp_path / "clean", per_class=10)
     (tmp_path / "patch.json").write_text(json.dumps({"kind": "patch", "target": 0, "size": 3,
                                                       "location": "bottom-right"}))
     model = small()

@@ -39,7 +39,10 @@ def check_model(model: nn.Module, clean_set: CleanSet) -> None:
     """Raise UnsupportedModel/BadInput unless the model is a finite conv net that maps input_shape to num_classes."""
     if not isinstance(model, nn.Module):
         raise BadInput(f"the model is a {type(model).__name__}, not a torch nn.Module; save the whole module")
-    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    # a saved-format adapter (pt2, TorchScript) names its convs from its graph: its modules are not nn.Conv2d
+    convs = model.conv_filters()[0] if hasattr(model, "conv_filters") else \
+        [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
         raise UnsupportedModel(
             "the model has no Conv2d layer; Grad-Prune prunes conv filters, so it cannot be sanitized"
         )
@@ -133,6 +136,9 @@ def run_sanitize(
         "mode": cfg.mode,
         "device": device.type,
         "seconds": round(time.perf_counter() - start, 3),
+        # a saved format's name from its adapter; "module" for an nn.Module given directly (callers that loaded it
+        # from a file or MLflow name the format)
+        "model_format": getattr(model, "model_format", "module"),
         "trigger_source": "known" if trigger is not None else "synthesized",
         "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
         "detection": {**detection.to_report(), "rechecks": rechecks, "noise_response": round(response, 4)}

@@ -24,6 +24,8 @@ from gradprune_mlflow.errors import BadInput
 from gradprune_mlflow.models.filters import ConvParams, FilterSpec, NormParams, resolve_all
 
 HISTORY_FILE = "pruning_history.json"
+# Written by MLflow into a downloaded registry version (its name and version): the source's, not the new model's.
+NOT_KEPT = {HISTORY_FILE, "registered_model_meta"}
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Source:
         files = {}
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root).as_posix()
-            if path.is_file() and not path.is_symlink() and path != model_file and rel != HISTORY_FILE:
+            if path.is_file() and not path.is_symlink() and path != model_file and rel not in NOT_KEPT:
                 files[rel] = path.read_bytes()
         return cls(model_file.relative_to(root).as_posix(), files)
 

@@ -50,4 +50,4 @@ def log_in_format(model: FormatAdapter, run_id: str, name: str,
         # run is thread-local, so this is safe inside a flow's worker thread.
         with mlflow.start_run(run_id=run_id):
             # validate_serving_input off: it would load the model again in this process for nothing we check
-            return Model.log(name=name, flavor=_SourceFolder(folder), validate_serving_input=False)
+            return Model.log(artifact_path=None, name=name, flavor=_SourceFolder(folder), validate_serving_input=False)

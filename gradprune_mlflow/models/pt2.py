@@ -72,17 +72,19 @@ def graph_filters(ep: torch.export.ExportedProgram, name: str) -> list[FilterSpe
 
 def _batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None]:
     """(smallest, largest) batch size the program accepts; largest None when unbounded."""
-    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in _names(ep)
-            and n.name in ep.graph_signature.user_inputs]
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
     if len(user) != 1:
         raise UnsupportedModel(f"the exported program takes {len(user)} inputs; gradprune sanitizes image "
                                "classifiers with one image-batch input")
-    dim = user[0].meta["val"].shape[0]
+    return _limits(user[0].meta["val"].shape[0], ep.range_constraints)
+
+
+def _limits(dim, ranges: dict) -> tuple[int, int | None]:
     if isinstance(dim, int):
         return dim, dim
-    rng = ep.range_constraints.get(dim.node.expr)
-    if rng is None:
-        return 1, None
+    rng = ranges.get(dim.node.expr)
+    if rng is None:  # a dynamic dimension torch.export did not bound: it specialises sizes 0 and 1 away
+        return 2, None
     try:
         high = int(rng.upper)
     except (TypeError, ValueError, OverflowError, AttributeError):  # unbounded: sympy's or torch's own infinity
@@ -108,6 +110,19 @@ class ExportedModel(FormatAdapter):
         self.per_image = high == 1
         self.min_batch = max(low, 1)
 
+    @classmethod
+    def of_module(cls, program: nn.Module) -> ExportedModel:
+        """The module MLflow's loader gives for a pt2 model (`ExportedProgram.module()`), made to run at any batch
+        size without being told `.eval()`; for measuring only: without the archive it cannot be pruned or saved."""
+        user = [n for n in program.graph.nodes if n.op == "placeholder"]
+        low, high = _limits(user[0].meta["val"].shape[0], {}) if len(user) == 1 and "val" in user[0].meta \
+            else (1, 1)
+        self = cls.__new__(cls)
+        FormatAdapter.__init__(self, Source(""), [])
+        self.program, self.archive = program, None
+        self.per_image, self.min_batch = high == 1, max(low, 1)
+        return self
+
     @property
     def inner(self) -> nn.Module:
         return self.program
@@ -126,6 +141,8 @@ class ExportedModel(FormatAdapter):
         return self.program(x)[:n]
 
     def model_bytes(self) -> bytes:
+        if self.archive is None:
+            raise UnsupportedModel("this pt2 module was loaded without its archive; load it with gradprune to save it")
         ep = torch.export.load(io.BytesIO(self.archive))
         current = dict(self.program.named_parameters()) | dict(self.program.named_buffers())
         with torch.no_grad():
