@@ -51,8 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # The longest modules (one worker runs a module start to end), first: left for last, one would run alone at the
-# end while the other worker sits idle. Serial seconds on 2 cores, 2026-11-27: concurrency 250, faults 105,
-# serve 95, demo 87, bad inputs 85, flows 75; every other module under 60.
+# end while the other worker sits idle. docs/development.md lists the slowest modules.
 LONG_MODULES = ("test_concurrency", "test_faults", "test_serve", "test_demo", "test_bad_inputs", "test_flows")
 
 
@@ -130,10 +129,9 @@ def prefect_harness():
     """Prefect's test harness (a temporary API server and database), shared by every flow test of the session.
 
     Flow-run heartbeats are off in this process: Prefect 3.9 joins each run's heartbeat thread at exit, which cost
-    about 1 s per flow run here (30 sub-flows: 35 s with heartbeats, 6-8 s without; the 200-version load test
-    went from 253 s to 151 s). Nothing here relies on them: a dead worker is detected by our lease
-    (tests/test_concurrency.py), not by Prefect's zombie detection. Processes the tests start (`gradprune scan`,
-    `serve`, `demo`) keep them.
+    about 1 s per flow run here (30 sub-flows: 35 s with heartbeats, 6-8 s without). Nothing here relies on them: a
+    dead worker is detected by our lease (tests/test_concurrency.py), not by Prefect's zombie detection. Processes
+    the tests start (`gradprune scan`, `serve`, `demo`) keep them.
     """
     from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
