@@ -88,6 +88,7 @@ def fine_tuning_budget() -> float:
     return MAX_ACC_DROP
 
 
+@pytest.mark.slow
 def test_fine_tuning_runs_its_schedule_and_keeps_an_epoch_within_its_validation_budget(badnets_cnn, clean_set):
     from gradprune_mlflow.benchmark.baselines.training import BATCH, EPOCHS
 
@@ -102,6 +103,7 @@ def test_fine_tuning_runs_its_schedule_and_keeps_an_epoch_within_its_validation_
     assert _val_acc(out.model, clean_set) >= _val_acc(badnets_cnn, clean_set) - fine_tuning_budget() - 1e-9
 
 
+@pytest.mark.slow
 def test_fine_pruning_zeroes_the_dormant_channels_of_the_last_feature_map(badnets_cnn, clean_set, monkeypatch):
     # A looser stopping rule than the paper's 4 points, so that some channel goes whatever the fresh model is like:
     # this test is about what pruning does to the channels, and that the rule it is given holds.
@@ -125,6 +127,7 @@ def test_last_feature_map_of_a_residual_net_is_its_pooling():
     assert last_feature_module(net, torch.zeros(2, 1, 28, 28)) == "head.0"
 
 
+@pytest.mark.slow
 def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_set, fashion_test, monkeypatch):
     # Without the accuracy budget: whether the budget lets any channel go depends on the model instance (a fresh
     # clone's test model had 8 masks below the threshold, but pruning even the lowest one cost more than 5
@@ -141,6 +144,7 @@ def test_anp_prunes_batchnorm_channels_and_lowers_the_attack(badnets_cnn, clean_
     assert after["attack_success_rate"] < before["attack_success_rate"]
 
 
+@pytest.mark.slow
 def test_anp_backs_off_to_the_accuracy_budget(badnets_cnn, clean_set):
     out = anp.anp(badnets_cnn, clean_set, None, 0, iterations=300)
     _, val = clean_set.split(0.1, 0)
@@ -167,6 +171,7 @@ def test_anp_refuses_a_model_without_batchnorm(clean_set):
         anp.anp(create_model("small_cnn_nobn", num_classes=10, in_channels=1), clean_set, None, 0, iterations=1)
 
 
+@pytest.mark.slow
 def test_neural_cleanse_reports_its_detection(badnets_cnn, clean_set):
     # A short search: this checks what the defense does with its detection, not how good the detection is.
     out = neural_cleanse.neural_cleanse(badnets_cnn, clean_set, None, 0, steps=60)
@@ -216,6 +221,7 @@ def test_summary_is_mean_and_std_over_seeds():
     assert cell["drop"][0] == pytest.approx(5.0)
 
 
+@pytest.mark.slow
 def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys):
     compare = _compare()
     common = ["--preset", "smoke", "--per-class", "10", "--test-images", "300", "--out", str(tmp_path),
@@ -252,6 +258,7 @@ def _compare():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_preset_code_path_runs_on_32x32_rgb(tmp_path):
     # The GPU preset's data path (Fashion-MNIST resized to 32x32 RGB) with a small model, on whatever device is here.
     argv = ["--preset", "gpu", "--archs", "tiny_resnet", "--attacks", "blend", "--seeds", "0", "--per-class", "5",

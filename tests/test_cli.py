@@ -118,6 +118,7 @@ def test_clean_set_failing_validation_exits_2(runner, model_file, clean_set_dir,
     assert len(lines(result.stderr)) == 1 and "failed validation" in result.stderr
 
 
+@pytest.mark.slow
 def test_unsafe_model_file_exits_3_with_one_line_and_runs_nothing(tmp_path, clean_set_dir):
     canary = tmp_path / "CANARY"
     model = create_model("small_cnn")

@@ -81,6 +81,7 @@ def test_every_gradprune_and_mlflow_command_exists():
         check_click(mlflow_cli, words)
 
 
+@pytest.mark.slow
 def test_every_prefect_command_exists():
     commands = [c for c in all_commands() if c[0] == "prefect"]
     assert {"server", "worker", "deploy"} <= {w for c in commands for w in c[1:3]}

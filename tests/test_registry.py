@@ -40,6 +40,7 @@ from gradprune_mlflow.report import review
 from gradprune_mlflow.report.summary import before_after_table
 
 SHAPE = (1, 28, 28)
+pytestmark = pytest.mark.slow  # a real `mlflow server` and moto S3 for the module
 
 
 @pytest.fixture(scope="module")

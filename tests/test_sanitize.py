@@ -61,6 +61,7 @@ def known(badnets_cnn, clean_set, fashion_test):
     return result, snapshot
 
 
+@pytest.mark.slow
 def test_known_trigger_removes_the_backdoor_and_keeps_clean_accuracy(known):
     result, _ = known
     before, after = result.report["before"], result.report["after"]
@@ -70,6 +71,7 @@ def test_known_trigger_removes_the_backdoor_and_keeps_clean_accuracy(known):
     assert after["robust_accuracy"] > before["robust_accuracy"] + 0.5
 
 
+@pytest.mark.slow
 def test_the_callers_model_is_not_changed(known, badnets_cnn):
     result, (weights, training) = known
     assert result.model is not badnets_cnn
@@ -87,12 +89,14 @@ def test_the_callers_model_is_not_changed(known, badnets_cnn):
 # restore-by-flag pattern is in unlearning.unlearning_gradients (line 32). Fix: restore each module's own mode in
 # logits() (e.g. remember {m: m.training for m in net.modules()}), or build the wrappers with `.eval()` and return
 # `sanitized.eval()` after measuring.
+@pytest.mark.slow
 def test_the_sanitized_model_is_returned_in_eval_mode(known):
     result, _ = known
     assert result.returned_in_training_mode is False
     assert not any(m.training for m in result.model.modules())
 
 
+@pytest.mark.slow
 def test_report_follows_schema_1(known):
     result, _ = known
     report = result.report
@@ -137,6 +141,7 @@ def test_clean_target_rate_counts_untriggered_images_the_model_already_puts_in_t
     assert evaluate(_CornersVoteZero(), Split(images, labels), None)["clean_target_rate"] is None
 
 
+@pytest.mark.slow
 def test_reported_after_metrics_equal_a_reevaluation_of_the_model(known, clean_set, fashion_test, badnets_cnn,
                                                                    tmp_path):
     result, _ = known
@@ -148,6 +153,7 @@ def test_reported_after_metrics_equal_a_reevaluation_of_the_model(known, clean_s
     assert measure(reloaded, fashion_test, TRIGGER, meta) == result.report["after"]
 
 
+@pytest.mark.slow
 def test_saved_model_is_plain_with_the_pruned_zeros_folded_in(badnets_cnn, clean_set, tmp_path):
     # A loose accuracy budget keeps the first pruning step whatever the freshly trained model's filters are like:
     # this test is about how pruned filters end up in the saved model, not about when to stop pruning.
@@ -184,6 +190,7 @@ def known_pair(badnets_cnn, small_set, fashion_test):
             for ev in (PatchTrigger(0, location="bottom-right"), BlendTrigger(0, alpha=0.2))]
 
 
+@pytest.mark.slow
 def test_eval_trigger_never_reaches_the_defense_known_mode(known_pair, badnets_cnn):
     with_patch, with_blend = known_pair
     assert_changed(with_patch.model, badnets_cnn)
@@ -195,6 +202,7 @@ def test_eval_trigger_never_reaches_the_defense_known_mode(known_pair, badnets_c
     assert with_patch.report["before"]["attack_success_rate"] != with_blend.report["before"]["attack_success_rate"]
 
 
+@pytest.mark.slow
 def test_same_seed_twice_gives_bit_identical_weights_on_cpu(known_pair, badnets_cnn, small_set, fashion_test):
     again = sanitize(badnets_cnn, small_set, TRIGGER, eval_trigger=PatchTrigger(0), test_set=fashion_test, seed=3,
                      **SMALL)
@@ -205,6 +213,7 @@ def test_same_seed_twice_gives_bit_identical_weights_on_cpu(known_pair, badnets_
     assert again.report["gradient_passes"] == first.report["gradient_passes"]
 
 
+@pytest.mark.slow
 def test_accuracies_are_measured_on_validation_without_test_data(known_pair, badnets_cnn, small_set):
     """Without test_set the report says 'validation'; the test data never changed the defense either."""
     result = sanitize(badnets_cnn, small_set, TRIGGER, seed=3, **SMALL)
@@ -215,6 +224,7 @@ def test_accuracies_are_measured_on_validation_without_test_data(known_pair, bad
     assert_same_weights(result.model, known_pair[0].model)
 
 
+@pytest.mark.slow
 def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, small_set):
     # on_clean is left at "skip". Ten synthesis steps rarely put a mask on the real patch, so patch_threshold=0 makes
     # the patch probe flag its best class whatever it reached: that runs the probe's unlearning path every time.
@@ -251,6 +261,7 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(runs[0].triggers, runs[1].triggers, strict=True))
 
 
+@pytest.mark.slow
 def test_trigger_free_on_a_blend_model_flags_by_noise_and_unlearns_it(blend_cnn, clean_set, fashion_test):
     """The noise probe's path end to end: a Blend model answers to uniform noise, is flagged by it, and afterwards
     neither noise nor the real blend (given for evaluation only) sends the other classes' images to class 0."""
@@ -278,6 +289,7 @@ def test_trigger_free_on_a_blend_model_flags_by_noise_and_unlearns_it(blend_cnn,
     assert report["synthesis_steps"] == 10 * 2 * (1 + len(detection["rechecks"])) + 300
 
 
+@pytest.mark.slow
 def test_trigger_free_on_a_clean_model_with_skip(clean_cnn, clean_set):
     """Nothing to find: with on_clean='skip' no model is written and the report says so."""
     # (with these settings the top class's anomaly index has come out above 2: the old rule flagged this model)
@@ -340,6 +352,7 @@ def test_unknown_setting_is_bad_input(badnets_cnn, clean_set):
         sanitize(badnets_cnn, clean_set, TRIGGER, finetune_epoch=3)
 
 
+@pytest.mark.slow
 def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
     small = subset(clean_set, 30)
     tune_only = sanitize(badnets_cnn, small, TRIGGER, stages="finetune", **SMALL).report

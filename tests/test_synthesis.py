@@ -108,6 +108,7 @@ def test_synthesize_is_deterministic_for_a_seed(net, clean_set):
 # `fam.parts(params)` AFTER it (line 129). The trigger kept per class is therefore one Adam step later than the one
 # that worked: its mask no longer has the recorded size, and it is not guaranteed to reach the target. Fix: keep
 # `mask.detach()` / `pattern.detach()` from line 113 instead of recomputing them after the step.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["patch", "blend"])
 def test_the_kept_trigger_is_the_one_whose_size_was_recorded(net, clean_set, name):
     res = synthesize(net, clean_set.images, clean_set.labels, K, name, steps=20, restarts=1,
@@ -117,6 +118,7 @@ def test_the_kept_trigger_is_the_one_whose_size_was_recorded(net, clean_set, nam
     assert torch.allclose(kept_size[res.worked], res.sizes[res.worked], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_badnets_target_has_the_smallest_patch_trigger(net, clean_set):
     """On the BadNets model (3x3 patch to class 0), class 0 needs the smallest synthesized patch.
 
@@ -148,6 +150,7 @@ def test_synthesize_a_subset_of_classes_keeps_their_class_ids(net, clean_set):
         res.triggers(3)  # not searched
 
 
+@pytest.mark.slow
 def test_a_fixed_strength_search_finds_a_pattern_that_works_at_that_strength(clean_cnn, clean_set):
     """On a clean model, uniform noise blended in at 0.2 sends almost no image to a class; the pattern the search
     finds from such noise, at the same strength, sends a large share there. (Not the blend model: it answers to

@@ -216,6 +216,7 @@ def _gradprune(*args: str, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_start_without_a_secret_or_a_prefect_api(monkeypatch):
     monkeypatch.delenv("GRADPRUNE_WEBHOOK_SECRET", raising=False)
     result = CliRunner().invoke(cli, ["webhook", "serve"])
