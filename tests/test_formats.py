@@ -160,6 +160,26 @@ def test_every_format_sanitizes_to_the_same_weights_as_the_eager_model(tmp_path)
     assert eager.report["model_format"] == "module"
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_trigger_free_mode_runs_on_pt2_and_torchscript(tmp_path):
+    """Synthesis optimises triggers through the model with its weights frozen: through vmap and a script too."""
+    from gradprune_mlflow import lab
+    from gradprune_mlflow.data.cleanset import load_clean_set
+
+    clean = load_clean_set(lab.trusted_clean_set(tmp_path / "clean", per_class=5, seed=0))
+    tiny = {**QUICK, "synth_steps": 3, "synth_restarts": 1, "recheck_rounds": 1, "fixed_blend_steps": 3,
+            "on_clean": "sanitize"}
+    for loaded in (load_model(pt2_folder(tmp_path / "pt2", small())), load_model(script_file(tmp_path / "s.pt",
+                                                                                             small()))):
+        result = sanitize(loaded, clean, None, **tiny)
+        assert result.report["trigger_source"] == "synthesized" and result.model is not None
+        assert all(p.requires_grad for p in result.model.parameters())
+        weights = result.model.conv_filters()[0]
+        for entry in result.history:
+            assert weights[entry["layer"]].weight[entry["filter"]].abs().sum() == 0
+
+
 def _pruned(tmp_path, source_dir: Path) -> ExportedModel:
     """The loaded model with filter 3 of the first conv pruned and other weights changed, as sanitizing does."""
     loaded = load_model(source_dir)
