@@ -32,7 +32,7 @@ def how_measured(report: dict[str, Any]) -> str:
         index = det.get("anomaly_index")
         index = f"{index:.2f}" if isinstance(index, int | float) else "?"
         flagged = "not flagged, top candidate"
-        if det.get("flagged"):  # reports before the probes (sixth session) have no flagged_by
+        if det.get("flagged"):  # older reports, from before the probes, have no flagged_by
             by = det.get("flagged_by")
             flagged = f"flagged by the {by.replace('_', ' ')}" if by else "flagged"
         trigger += f" (class {det.get('target')} {flagged}, anomaly index {index})"
