@@ -141,6 +141,38 @@ def test_filters_of_a_residual_net_and_a_net_without_batchnorm(tmp_path):
             assert set(masks.bns) == set(eager.bns)
 
 
+class GatedNet(torch.nn.Module):
+    """A conv whose zeros pass a squeeze-excitation gate (sigmoid(0) = 0.5 is not zero) and a conv classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.gate = torch.nn.Conv2d(8, 8, 1)
+        self.classifier = torch.nn.Conv2d(8, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x * torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+        return self.classifier(x).mean((2, 3))
+
+
+def test_convs_a_zero_does_not_cancel_are_left_unpruned_and_named(tmp_path):
+    model = GatedNet().eval()
+    for loaded in (load_model(pt2_folder(tmp_path / "pt2", model)), load_model(script_file(tmp_path / "s.pt", model))):
+        masks = FilterMasks(loaded, torch.zeros(1, *SHAPE))
+        assert list(masks.convs) == ["conv"] and list(masks.bns) == ["conv"]
+        reasons = {u["layer"]: u["reason"] for u in masks.unprunable}
+        assert set(reasons) == {"gate", "classifier"}
+        assert "sigmoid" in reasons["gate"] and "output" in reasons["classifier"]
+        masks.prune("conv", [0, 5], step=1)
+        with torch.no_grad():
+            out = loaded(probe(2))
+            masks.convs["conv"].weight[0].normal_()  # masks hold: a pruned filter written to is zeroed again
+            masks.apply()
+            torch.testing.assert_close(loaded(probe(2)), out, rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_every_format_sanitizes_to_the_same_weights_as_the_eager_model(tmp_path):
     model = small()

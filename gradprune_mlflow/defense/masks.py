@@ -83,9 +83,11 @@ class FilterMasks:
         found = getattr(model, "conv_filters", None)
         if found is not None:  # a saved-format adapter (models/adapter.py): filters found from its graph
             self.convs, self.bns = found()
+            self.unprunable = list(model.unprunable)
             if not self.convs:
-                raise UnsupportedModel("the model has no 2-D conv layer; Grad-Prune prunes conv filters, so it "
-                                       "cannot be sanitized")
+                raise UnsupportedModel("no conv filter of the model can be pruned exactly: " + "; ".join(
+                    f"{u['layer']}: {u['reason']}" for u in self.unprunable) if self.unprunable else
+                    "the model has no 2-D conv layer; Grad-Prune prunes conv filters, so it cannot be sanitized")
         else:
             self.convs = conv_layers(model)
             self.bns = following_batchnorms(model, example)

@@ -40,7 +40,7 @@ def check_model(model: nn.Module, clean_set: CleanSet) -> None:
     if not isinstance(model, nn.Module):
         raise BadInput(f"the model is a {type(model).__name__}, not a torch nn.Module; save the whole module")
     # a saved-format adapter (pt2, TorchScript) names its convs from its graph: its modules are not nn.Conv2d
-    convs = model.conv_filters()[0] if hasattr(model, "conv_filters") else \
+    convs = [*model.conv_filters()[0], *model.unprunable] if hasattr(model, "conv_filters") else \
         [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise UnsupportedModel(

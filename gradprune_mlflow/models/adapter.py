@@ -73,10 +73,12 @@ class FormatAdapter(nn.Module):
 
     model_format = "module"
 
-    def __init__(self, source: Source, specs: list[FilterSpec]):
+    def __init__(self, source: Source, specs: list[FilterSpec], unprunable: dict[str, str] | None = None):
         super().__init__()
         self.source = source
         self.filter_specs = specs
+        # convs left unpruned, as FilterMasks reports them: [{"layer", "reason"}]
+        self.unprunable = [{"layer": k, "reason": v} for k, v in (unprunable or {}).items()]
 
     @property
     def inner(self) -> nn.Module:

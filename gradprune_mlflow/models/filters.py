@@ -81,3 +81,29 @@ def resolve_all(specs: list[FilterSpec], module: nn.Module) -> tuple[dict[str, C
         if norm is not None:
             norms[spec.layer] = norm
     return convs, norms
+
+
+PASS, CONSUMED = "pass", "consumed"
+
+
+def first_obstacle(start, users, judge) -> str | None:
+    """Why a pruned filter would still change the model's output, or None when its contribution vanishes exactly.
+
+    Walks forward from `start` (the conv's output, or its BatchNorm's, which are zeroed with the filter). `users(node)`
+    gives (key, user node) pairs; `judge(user, node)` says PASS (zero in, zero out: follow it), CONSUMED (taken as an
+    input channel of a conv or linear layer, where a zero channel adds nothing) or a reason (a gate, another norm,
+    the model's output). Walking through everything else is what keeps a squeeze-excitation gate, a norm on a
+    concatenation or a conv classifier unpruned instead of changed silently.
+    """
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for key, user in users(node):
+            verdict = judge(user, node)
+            if verdict == PASS:
+                if key not in seen:
+                    seen.add(key)
+                    todo.append(user)
+            elif verdict != CONSUMED:
+                return verdict
+    return None

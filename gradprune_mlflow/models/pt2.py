@@ -14,13 +14,14 @@ its state_dict replaced. Two things the graph fixes are worked around, never edi
 from __future__ import annotations
 
 import io
+import operator
 
 import torch
 from torch import nn
 
 from gradprune_mlflow.errors import UnsupportedModel
 from gradprune_mlflow.models.adapter import FormatAdapter, Source
-from gradprune_mlflow.models.filters import FilterSpec, layer_name
+from gradprune_mlflow.models.filters import CONSUMED, PASS, FilterSpec, first_obstacle, layer_name
 
 FORMAT = "pt2"
 _aten = torch.ops.aten
@@ -32,19 +33,45 @@ _TRAINING_NORMS = {_aten._native_batch_norm_legit.default, _aten._native_batch_n
                    _aten.native_batch_norm.default, _aten.cudnn_batch_norm.default}
 
 
+# Ops that map a zero channel to a zero channel (activations that keep 0 at 0, pooling, residual adds, gating by
+# multiplication, reshapes, concatenation): a pruned filter's zeros flow through them unchanged.
+_ZERO_KEEPING = {getattr(_aten, op).default for op in (
+    "relu", "relu_", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "silu", "silu_", "gelu", "leaky_relu",
+    "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "view", "reshape", "permute", "clone", "contiguous",
+    "dropout", "cat", "max_pool2d_with_indices", "_unsafe_view", "alias", "detach") if hasattr(getattr(_aten, op),
+                                                                                           "default")} | {
+    _aten.add.Tensor, _aten.add_.Tensor, _aten.mul.Tensor, _aten.mul_.Tensor, _aten.sub.Tensor, _aten.mean.dim,
+    _aten.flatten.using_ints, operator.getitem}
+_INPUT_OF = {*_CONVS, _aten.linear.default}
+
+
+def _judge(user, node) -> str:
+    if user.op == "output":
+        return "its channel reaches the model's output"
+    if user.target in _INPUT_OF and user.args[0] is node:
+        return CONSUMED
+    if user.target in (_aten.sym_size.int, _aten.sym_numel.default):  # the shape, never the values
+        return CONSUMED
+    if user.target in _ZERO_KEEPING:
+        return PASS
+    return f"its channel goes through {getattr(user.target, '__name__', user.target)}, which a zero does not cancel"
+
+
 def _names(ep: torch.export.ExportedProgram) -> dict[str, str]:
     sig = ep.graph_signature
     return {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
 
 
-def graph_filters(ep: torch.export.ExportedProgram, name: str) -> list[FilterSpec]:
-    """The program's conv filters from its aten graph: each 4-D conv weight and the BatchNorm fed by its output.
+def graph_filters(ep: torch.export.ExportedProgram, name: str) -> tuple[list[FilterSpec], dict[str, str]]:
+    """The program's conv filters from its aten graph: each 4-D conv weight and the BatchNorm fed by its output,
+    and {layer: reason} for the convs left unpruned because zeroing them would not cancel them exactly.
 
     Raises UnsupportedModel when the program was exported in training mode (BatchNorm on batch statistics).
     """
     names = _names(ep)
     state = ep.state_dict
     specs: dict[str, FilterSpec] = {}
+    unprunable: dict[str, str] = {}
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
@@ -58,16 +85,21 @@ def graph_filters(ep: torch.export.ExportedProgram, name: str) -> list[FilterSpe
         if flag is not None and len(node.args) > flag and node.args[flag]:
             continue  # transposed conv: its output channels are not the weight's first dimension
         weight = names.get(getattr(node.args[1], "name", ""))
-        if weight is None or weight in {s.weight for s in specs.values()} or state[weight].ndim != 4:
+        if weight is None or weight in specs or layer_name(weight) in unprunable or state[weight].ndim != 4:
             continue
         bias = names.get(getattr(node.args[2], "name", "")) if len(node.args) > 2 else None
         norm = [u for u in node.users if u.target in _NORMS and u.args[0] is node]
-        if len(norm) == 1:
+        zeroed = norm[0] if len(norm) == 1 else None  # the BatchNorm zeroed with the filter
+        why = first_obstacle(node, lambda n: [(u, u) for u in n.users],
+                             lambda user, at, zeroed=zeroed: PASS if user is zeroed else _judge(user, at))
+        if why is not None:
+            unprunable[layer_name(weight)] = why
+        elif len(norm) == 1:
             w, b, mean = (names.get(getattr(a, "name", "")) for a in norm[0].args[1:4])
             specs[weight] = FilterSpec(layer_name(weight), weight, bias, w, b, mean)
         else:
             specs[weight] = FilterSpec(layer_name(weight), weight, bias)
-    return list(specs.values())
+    return list(specs.values()), unprunable
 
 
 def _batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None]:
@@ -99,12 +131,12 @@ class ExportedModel(FormatAdapter):
 
     def __init__(self, archive: bytes, source: Source, name: str):
         ep = torch.export.load(io.BytesIO(archive))
-        specs = graph_filters(ep, name)
+        specs, unprunable = graph_filters(ep, name)
         low, high = _batch_range(ep)
         if high is not None and high != 1 and low == high:
             raise UnsupportedModel(f"{name} was exported for batches of exactly {low}; export it with a batch of "
                                    "one or a dynamic batch dimension")
-        super().__init__(source, specs)
+        super().__init__(source, specs, unprunable)
         self.program = ep.module()
         self.archive = archive
         self.per_image = high == 1
