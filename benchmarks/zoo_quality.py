@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-only", action="store_true", help="train and cache the models, measure nothing")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "zoo-quality")
     args = ap.parse_args(argv)
+    # the code that runs is the code at the start: a commit made while it runs must not be named
+    git = ["git", "-C", str(HERE)]
+    args.commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout:
+        args.commit += " with uncommitted changes"
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else \
         [(arch, attack) for arch in args.archs for attack in args.attacks]
     if args.train_only:
@@ -86,13 +91,12 @@ def _write(args, rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
     cols = list(rows[0])
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     table += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     header = (f"Command: `.venv/bin/python benchmarks/zoo_quality.py {' '.join(sys.argv[1:])}`  \n"
-              f"Date {date.today()}, commit {commit}; {platform.machine()}, {torch.get_num_threads()} threads, CPU. "
+              f"Date {date.today()}, commit {args.commit}; {platform.machine()}, {torch.get_num_threads()} threads, "
+              "CPU. "
               f"torchvision models with random initial weights trained on {args.n_train} attacker images "
               f"({IMAGE}, {args.epochs} epochs, 10% poison to class 0), {args.per_class} trusted images per class, "
               f"seed {args.seed}, 10,000 test images; ASR with the real trigger, given for evaluation only.\n")
