@@ -168,10 +168,14 @@ def _module(model, cfg: EvalConfig):
         raw = None
     if not isinstance(raw, torch.nn.Module):
         raise BadInput("gradprune evaluator: only pytorch models (mlflow.pytorch flavor) can be evaluated")
-    if isinstance(raw, torch.fx.GraphModule):  # a pt2 model: it refuses .eval() and may take batches of one only
-        from gradprune_mlflow.models.pt2 import ExportedModel
+    from gradprune_mlflow.models.adapter import Source
+    from gradprune_mlflow.models.pt2 import ExportedModel, is_exported_module
+    from gradprune_mlflow.models.torchscript import ScriptedModel
 
+    if is_exported_module(raw):  # a pt2 model: it refuses .eval() and may take batches of one only
         raw = ExportedModel.of_module(raw)
+    elif isinstance(raw, torch.jit.ScriptModule):  # copied by the adapter: a plain deepcopy leaves non-leaf weights
+        raw = ScriptedModel(raw, Source(""))
     # A copy: synthesis toggles requires_grad and moves the network between devices; the caller's stays as it was.
     return copy.deepcopy(raw).float().cpu().eval(), model.metadata.get_input_schema()
 

@@ -124,6 +124,15 @@ def _limits(dim, ranges: dict) -> tuple[int, int | None]:
     return int(rng.lower), high
 
 
+def is_exported_module(module: nn.Module) -> bool:
+    """True for `ExportedProgram.module()`'s GraphModule (what MLflow's loader gives for a pt2 model)."""
+    try:
+        from torch.export._unlift import _StatefulGraphModule
+    except ImportError:  # torch moved it: tell it by the input spec only unlifted programs carry
+        return isinstance(module, torch.fx.GraphModule) and getattr(module, "_in_spec", None) is not None
+    return isinstance(module, _StatefulGraphModule)
+
+
 class ExportedModel(FormatAdapter):
     """A pt2 program as a trainable module of any batch size; `write` saves it as pt2 with the new weights."""
 
