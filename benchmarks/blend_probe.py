@@ -5,13 +5,14 @@
 For each seed's cached Blend model (the benchmark's: small CNN, 50,000 poisoned training images, 5 epochs), prints
 - the blend family's synthesized strength per class and class 0's anomaly index (what detection sees),
 - how close class 0's synthesized pattern is to the real one (cosine similarity of the centred patterns, that is the
-  correlation), and how close the patterns of the fixed-strength search (strength 0.2, what trigger-free mode
-  unlearns since the ninth session) are, for class 0 and, as a control, for class 6,
+  correlation), and how close the patterns of the fixed-strength search (strength 0.2, which trigger-free mode
+  unlearns where the blend family is flagged) are, for class 0 and, as a control, for class 6,
 - the smallest strength at which the real pattern sends 90% of the validation images to class 0,
 - the share of non-target test images sent to class 0 by: the real trigger, another fixed uniform-noise pattern,
   uniform noise drawn fresh for every image (strengths 0.2 and 0.3), and no trigger.
 
-This is a diagnosis, not a defense: the real trigger is used here only to explain the numbers in the README.
+This is a diagnosis, not a defense: the real trigger is used here only to explain what trigger-free mode finds
+(docs/algorithm.md, "The trigger").
 """
 
 from __future__ import annotations

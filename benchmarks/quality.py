@@ -1,4 +1,4 @@
-"""Issue 2's quality check: Grad-Prune on backdoored Fashion-MNIST CNNs, known-trigger and trigger-free.
+"""Quality check: Grad-Prune on backdoored Fashion-MNIST CNNs, known-trigger and trigger-free.
 
     .venv/bin/python benchmarks/quality.py [--attacks badnets blend] [--per-class 100] [--runs fast-known ...]
                                            [--set KEY=VALUE ...]
@@ -6,7 +6,7 @@
 Trains (or reuses, from benchmarks/cache) a small CNN on the attacker's 50,000 images with 10% poison, draws a trusted
 set of `--per-class` images per class from the other 10,000, runs `gradprune_mlflow.sanitize` and measures on the
 10,000 test images with the real trigger (evaluation only: it never reaches the defense). Writes
-benchmarks/results/quality-seedN.csv and .md (N = --seed).
+benchmarks/results/quality-seedN.csv and .md (N = --seed). Current results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                     "default --seed. Another value gives the same model and trusted set a second, independent run")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", dest="settings",
                     help="a sanitizer setting for every run (repeatable), e.g. --set away_weight=0 for the run without "
-                         "the tenth session's away-from-target term; it is added to the result files' names")
+                         "fast mode's away-from-target term; it is added to the result files' names")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     args.settings = parse_settings(args.settings)
