@@ -16,9 +16,11 @@ from torch import nn
 
 from gradprune_mlflow import lab, sanitize
 from gradprune_mlflow.data.cleanset import CleanSet
+from gradprune_mlflow.defense import dataflow
 from gradprune_mlflow.defense.exactness import channels_of, not_zero, outputs_at, randomise_norms, watch_points
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.triggers import PatchTrigger
+from gradprune_mlflow.errors import UnsupportedModel
 from gradprune_mlflow.models.zoo import VISION, create_model
 
 # architecture -> (number of unprunable convs, a word of the reason)
@@ -145,11 +147,16 @@ def test_a_thousand_classes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
-def test_lab_backdoors_a_torchvision_model_and_sanitizing_removes_it(arch, model_cache):
+def test_lab_backdoors_a_torchvision_model_and_sanitizing_removes_it(model_cache):
     """The lab's attacker side on a real torchvision class: a BadNets backdoor learned on colour images, then
-    removed by a known-trigger sanitize (small budget: a few thousand images, short runs)."""
-    model = lab.backdoored_model(arch, "badnets", n_train=6000, epochs=2, image="color32", cache_dir=model_cache)
+    removed by a known-trigger sanitize (small budget: a few thousand images, short runs).
+
+    resnet18: mobilenet_v3_small's BatchNorms average their statistics with momentum 0.01, so after the hundred
+    training steps a test can afford, its eval-mode outputs are still those of the initial statistics (one class for
+    every image); the benchmark trains it for longer.
+    """
+    model = lab.backdoored_model("resnet18", "badnets", n_train=6000, epochs=2, image="color32",
+                                 cache_dir=model_cache)
     test = lab.test_data(1000, image="color32")
     trigger = lab.attack_trigger("badnets")
     result = sanitize(model, small_clean_set("color32", 30), trigger, device="cpu", finetune_epochs=5,
@@ -163,3 +170,39 @@ def test_lab_backdoors_a_torchvision_model_and_sanitizing_removes_it(arch, model
 def test_unknown_model_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="resnet18.*convnext_tiny"):
         create_model("resnet19")
+
+
+
+class Gated(nn.Module):
+    """A conv whose output only a sigmoid reads, and one read by a channels-last LayerNorm without affine."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.side = nn.Conv2d(8, 8, 1)
+        self.norm = nn.LayerNorm(8, elementwise_affine=False)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x * torch.sigmoid(self.gate(x))
+        x = x + self.norm(self.side(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_convs_that_cannot_give_a_zero_channel_are_named_and_left_out():
+    masks = FilterMasks(Gated().eval(), torch.zeros(1, 3, 8, 8))
+    reasons = {u["layer"]: u["reason"] for u in masks.unprunable}
+    assert set(reasons) == {"gate", "side"} and set(masks.convs) == {"stem"}
+    assert "sigmoid" in reasons["gate"] and "layer_norm" in reasons["side"]
+
+
+def test_an_op_the_trace_cannot_read_leaves_its_convs_unpruned(monkeypatch):
+    def unreadable(*_args):
+        raise RuntimeError("unreadable")
+
+    monkeypatch.setattr(dataflow._Tracer, "unary", unreadable)
+    # every conv is then unprunable, and the model is refused with each conv's reason
+    with pytest.raises(UnsupportedModel, match=r"stem: the channel could not be followed through relu \(Runtime"):
+        FilterMasks(Gated().eval(), torch.zeros(1, 3, 8, 8))

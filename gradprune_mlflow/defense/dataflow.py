@@ -91,6 +91,14 @@ class _Tracer(TorchFunctionMode):
         if not hits:
             return out
         name = getattr(func, "__name__", str(func))
+        try:
+            self.follow(func, name, args, kwargs, inputs, hits, out)
+        except Exception as exc:  # an op this trace cannot read: its convs stay unpruned rather than maybe inexact
+            for hit in hits:
+                self.unprunable(hit, f"the channel could not be followed through {name} ({type(exc).__name__})")
+        return out
+
+    def follow(self, func, name, args, kwargs, inputs, hits, out) -> None:
         if func in _NORMS:
             self.norm(func, name, args, kwargs, hits[0])
         elif func in (torch.cat, torch.concat):
@@ -103,7 +111,6 @@ class _Tracer(TorchFunctionMode):
             self.unary(func, name, args, kwargs, hits[0], out)
         elif self.lookup(out) is not None:
             del self.tracked[id(out)]  # changed in place by another tensor (x += shortcut): no longer the conv's alone
-        return out
 
     def norm(self, func, name, args, kwargs, hit: _Tracked) -> None:
         bound = inspect.signature(func).bind(*args, **kwargs).arguments
