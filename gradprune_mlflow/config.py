@@ -13,9 +13,9 @@ ON_CLEAN = ("skip", "sanitize")
 STAGES = ("prune+finetune", "prune", "finetune")
 
 # Settings whose default depends on the mode: name -> (paper, fast). Paper mode keeps the authors' loop (equal loss
-# weights, no distillation); fast mode's values were chosen on the benchmark's seed-0 and seed-1 models (README,
-# "Measured quality"): distillation kept 1-2 points of clean accuracy, which paid for unlearning twice as hard and
-# for longer.
+# weights, no distillation); fast mode's values were chosen on the Fashion-MNIST benchmark models: distillation keeps
+# clean accuracy, which pays for unlearning twice as hard and for longer (docs/algorithm.md, "Fast and paper mode";
+# the numbers are in benchmarks/RESULTS.md).
 MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "prune_patience": (10, 3),
     "finetune_epochs": (30, 50),

@@ -11,7 +11,7 @@ with the image's pixels normalised with `mean`/`std` and flattened (C*H*W floats
 MLflow's default (classifier) evaluator needs class labels, and our models output logits, so next to it the model is
 given as predictions: a `prediction` column in `data` (`evaluation_frame(..., model=...)`), `predictions=
 "prediction"`, no model argument, and evaluator_config `model_uri`, which this evaluator loads itself (scanned before
-unpickling, as every model gradprune loads). README, "MLflow evaluator plugin", lists the config keys.
+unpickling, as every model gradprune loads). docs/contracts.md, "MLflow evaluator plugin", lists the config keys.
 """
 
 from __future__ import annotations

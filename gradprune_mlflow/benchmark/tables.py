@@ -76,7 +76,7 @@ BASELINES = ("fine-tuning", "fine-pruning", "anp", "neural-cleanse")
 
 
 def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
-    """The issue's goals, each checked on the largest clean budget: (goal, met or None if not measured, evidence)."""
+    """The goals, each checked on the largest clean budget: (goal, met or None if not measured, evidence)."""
     summary = summarise(rows)
     out = []
     for arch, attack in sorted({k[:2] for k in summary}):

@@ -4,7 +4,7 @@ Every sub-command lives in its own module here and exposes `register(app)`; add 
 handled in one place, `GradpruneGroup.main`: each non-zero exit prints exactly one line on stderr, and a traceback
 only with GRADPRUNE_DEBUG=1.
 
-Exit codes: 0 done; 2 bad input; 3 model file refused as unsafe; 1 internal error (see README).
+Exit codes: 0 done; 2 bad input; 3 model file refused as unsafe; 1 internal error (docs/contracts.md, "Exit codes").
 """
 
 from __future__ import annotations

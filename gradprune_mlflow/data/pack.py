@@ -1,4 +1,4 @@
-"""Build a clean set in the DESIGN.md layout from an image folder (one sub-folder per class) or from numpy arrays.
+"""Build a clean set (docs/contracts.md layout) from an image folder (one sub-folder per class) or numpy arrays.
 
     SRC/                      or   SRC.npz
       <class name>/*.png|jpg         images: (N, H, W) | (N, H, W, C) | (N, C, H, W), uint8 or floats in [0, 1]

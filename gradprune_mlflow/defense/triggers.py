@@ -1,7 +1,7 @@
 """Triggers: what turns a clean image into one the backdoor obeys.
 
 Every trigger acts on [0, 1] pixels (N, C, H, W), before the model's normalisation, and most are the general form
-x' = (1 - m) * x + m * p with a mask m and a pattern p. Trigger files are JSON (see README, "Trigger files"):
+x' = (1 - m) * x + m * p with a mask m and a pattern p. Trigger files are JSON (docs/contracts.md, "Trigger files"):
 
     {"kind": "patch", "target": 0, "size": 3, "location": "bottom-right", "margin": 0}
     {"kind": "blend", "target": 0, "alpha": 0.2, "pattern": "noise", "seed": 0}     (or "pattern": "file.png")
