@@ -130,9 +130,8 @@ def with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: t
     """Blend family flagged: search patterns that work at the noise probe's fixed strength (fixed_strength_blend) and
     give them half of the unlearning images, at 0.5x, 1x and 1.5x that strength. Returns (patterns, new mix).
 
-    After unlearning the blend family's triggers and fresh noise, the benchmark's Blend models still answered to the
-    attacker's image (4.6-6.1% ASR) while fresh noise sent only 1.4-2.3% to the target. Adding these patterns brought
-    the five models to 2.0-3.8% (README, "Measured quality").
+    Unlearning the blend family's triggers and fresh noise alone leaves a Blend model answering to the attacker's
+    image; these patterns remove more of it (docs/algorithm.md, "The trigger"; measured in benchmarks/RESULTS.md).
     """
     fixed = fixed_strength_blend(net, train.images, train.labels, target, NOISE_ALPHA, steps=cfg.fixed_blend_steps,
                                  restarts=cfg.synth_restarts, generator=gen, progress=progress)

@@ -1,7 +1,7 @@
 """One MLflow run per sanitized version, in the experiment `gradprune`: parameters, metrics, curve, artifacts, input.
 
 Everything goes through an explicit run id (MlflowClient), not the fluent active run, so that flows may log from
-worker threads. Metric names are the DESIGN.md contract.
+worker threads. Metric names are a contract: docs/contracts.md, "Run metrics and artifacts".
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _dataset_input(dataset, context: str):
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The DESIGN.md run metrics read off a report.json dict; missing or null values are left out."""
+    """The run metrics (docs/contracts.md) read off a report.json dict; missing or null values are left out."""
     out: dict[str, Any] = {}
     for side in SIDES:
         for key in REPORT_METRICS:

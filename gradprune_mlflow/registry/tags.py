@@ -1,4 +1,4 @@
-"""The registry contract (DESIGN.md, "Registry"): tag names, statuses, the alias and the experiment.
+"""The registry contract (docs/contracts.md, "Registry"): tag names, statuses, the alias and the experiment.
 
 MLflow 3 has no custom stages, so the alias `sanitized` is our "Sanitized" stage.
 """

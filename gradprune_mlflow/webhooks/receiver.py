@@ -1,4 +1,4 @@
-"""The ASGI receiver for MLflow webhooks (DESIGN.md: `gradprune webhook serve`).
+"""The ASGI receiver for MLflow webhooks (docs/contracts.md: `gradprune webhook serve`).
 
 POST /webhook takes MLflow's deliveries; GET /health answers 200. Answers:
 - 202 a verified `model_version.created` for a version to scan: `emit` was called and returned;
