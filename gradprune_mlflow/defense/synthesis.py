@@ -230,8 +230,8 @@ def fixed_strength_blend(
     The blend family's search shrinks the strength until its pattern barely works, which gives patterns far from
     the attacker's (benchmarks/blend_probe.py). At a fixed strength there is nothing to shrink, and the search ends
     on patterns that work at the strength a noise-like trigger has. They are not the attacker's image either (their
-    correlation with it is measured by benchmarks/blend_probe.py), but unlearning them removed more of what the
-    benchmark's Blend models had learned from it than fresh noise did: README, "Measured quality".
+    correlation with it is measured by benchmarks/blend_probe.py), but unlearning them removes more of what a Blend
+    model has learned from it than fresh noise does (docs/algorithm.md, "The trigger").
     """
     device = next(net.parameters()).device
     others = images[labels != target]
