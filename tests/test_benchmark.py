@@ -25,14 +25,14 @@ from gradprune_mlflow.benchmark.registry import Defended, Defense, defense_names
 from gradprune_mlflow.defense.metrics import accuracy, evaluate
 from gradprune_mlflow.defense.normalize import Normalized
 
-ISSUE_DEFENSES = ["none", "fine-tuning", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
+BENCHMARK_DEFENSES = ["none", "fine-tuning", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
                   "grad-prune-fast", "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known",
                   "prune-only-free"]
 
 
-def test_every_defense_of_the_issue_is_registered_in_table_order():
-    assert defense_names() == ISSUE_DEFENSES
-    known = {n for n in ISSUE_DEFENSES if get_defense(n).uses_trigger}
+def test_every_benchmark_defense_is_registered_in_table_order():
+    assert defense_names() == BENCHMARK_DEFENSES
+    known = {n for n in BENCHMARK_DEFENSES if get_defense(n).uses_trigger}
     assert known == {"grad-prune-paper", "grad-prune-fast", "unlearn-ft-known", "prune-only-known"}
 
 

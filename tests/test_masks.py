@@ -228,12 +228,10 @@ def test_a_model_without_conv2d_is_unsupported():
         conv_layers(mlp)
 
 
-# Regression (fixed library bug, gradprune_mlflow/defense/masks.py, FilterMasks.apply): a
-# BatchNorm2d(affine=False) directly after a
-# pruned conv has no gamma/beta to zero, so in eval mode its output channel is the constant -running_mean /
-# sqrt(running_var + eps), not 0: the pruned filter still emits a bias, the very "BN beta left non-zero" defect the
-# issue lists. Fix: also zero running_mean[idx] of the paired BatchNorm (then (0 - 0) / sqrt(var + eps) = 0), or
-# refuse non-affine BatchNorms with a clear message.
+# A BatchNorm2d(affine=False) directly after a pruned conv has no gamma/beta to zero, so in eval mode its output
+# channel would be the constant -running_mean / sqrt(running_var + eps), not 0: the pruned filter would still emit a
+# bias, the "BN beta left non-zero" defect of the reference code. FilterMasks.apply also zeroes running_mean[idx] of
+# the paired BatchNorm, so (0 - 0) / sqrt(var + eps) = 0.
 def test_non_affine_batchnorm_after_a_pruned_conv_gives_a_zero_channel(images):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False), nn.ReLU(),

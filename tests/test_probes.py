@@ -43,7 +43,7 @@ def _decide(patch, blend, hits=QUIET, noise=(0.01,) * K):
                   noise_threshold=0.5, relative_threshold=0.5)
 
 
-def test_a_patch_anomaly_alone_no_longer_flags():
+def test_a_patch_anomaly_alone_does_not_flag():
     """Clean models' "bag" class stands out in the patch family (index 2.6-2.7 measured); without a probe it is not
     a backdoor."""
     found, hit = _decide(_sizes_family("patch", [0.02] + FLAT[1:]), _sizes_family("blend", FLAT))

@@ -107,8 +107,8 @@ def test_fast_mode_keeps_no_step_below_the_accuracy_budget(fast):
 
 def test_fast_mode_restores_the_best_state(badnets_cnn, clean_set):
     # A loose budget of its own: at the default 5 points a freshly trained model may break the budget with its first
-    # filter, and then correctly prunes nothing (best_step 0), which would leave nothing here to check. Seen in a
-    # fresh-clone CI run on 2026-11-27.
+    # filter, and then correctly prunes nothing (best_step 0), which would leave nothing here to check (seen on a
+    # fresh clone's test model).
     setup = Setup(badnets_cnn, clean_set)
     out, _cfg = setup.run(mode="fast", acc_drop_budget=0.5)
     assert out.best_step > 0, "pruning the backdoored model should lower the validation unlearning loss"

@@ -269,7 +269,7 @@ def test_trigger_free_on_a_blend_model_flags_by_noise_and_unlearns_it(blend_cnn,
     # model one can pass 90% by chance. The noise probe needs no synthesis. (30 images a class and 5 epochs left
     # 69% ASR, 20 epochs 11%; 100 a class and 5 epochs 6% on one trained test model and 25% on a fresh clone's:
     # the bound below is loose because these five epochs are short, not because the benchmark's 5% is in doubt;
-    # with the fixed-strength blend search (ninth session) this cached model ended at 3.9%.
+    # with the fixed-strength blend search one cached test model ended at 3.9%.
     # Fine-tuning on clean images alone leaves a Blend backdoor at 95% or more: benchmarks/RESULTS.md.)
     result = sanitize(blend_cnn, clean_set, None, eval_trigger=BlendTrigger(0, alpha=0.2), test_set=fashion_test,
                       synth_steps=10, synth_restarts=1, patch_threshold=1.01, seed=3, device="cpu", finetune_epochs=5)

@@ -51,7 +51,7 @@ SCAN_INTERVAL = 20
 # seconds on two cores: this test is about the plumbing; tests/test_flows.py checks what sanitizing achieves.
 # `gradprune serve --limit 1` keeps the reconciler's passes (a Python process each) from starving a sanitization.
 SETTINGS = ["--set", "finetune_epochs=2", "--set", "max_prune_fraction=0.1", "--set", "step_fraction=0.05"]
-# What an MLflow server needs to deliver webhooks to a loopback http receiver (README: "Run it on a cluster").
+# What an MLflow server needs to deliver webhooks to a loopback http receiver (docs/contracts.md, webhook register).
 WEBHOOK_SERVER_ENV = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
                       "MLFLOW_WEBHOOK_CACHE_TTL": "1",
                       "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode()}

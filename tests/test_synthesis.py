@@ -26,7 +26,7 @@ def test_anomaly_index_of_a_hand_made_vector():
     assert (idx[1:] < 2).all()
 
 
-def test_anomaly_index_flags_the_small_class_of_the_issue_vector():
+def test_anomaly_index_flags_the_one_small_class_of_ten():
     idx = anomaly_index(torch.tensor([0.01, 0.1, 0.11, 0.09, 0.1, 0.1, 0.12, 0.095, 0.105, 0.1]))
     assert int(idx.argmax()) == 0 and idx[0] > 2.0 and (idx[1:] < 2.0).all()
 
@@ -132,7 +132,7 @@ def test_badnets_target_has_the_smallest_patch_trigger(net, clean_set):
     found = detect([res], threshold=2.0)
     assert int(sizes.argmin()) == 0 or (found.flagged and found.target == 0), sizes.tolist()
     # and the patch probe confirms it: a tiny square where class 0's mask is densest sends >= 90% of the other
-    # classes' images there (what flags a class since the sixth session), and no other class gets there
+    # classes' images there (what flags a class), and no other class gets there
     hits = patch_probe(net, clean_set.as_split(), res)
     print([(h.target, round(h.best, 3), h.fill, h.window) for h in hits])
     assert hits[0].best >= 0.9 and all(h.best < 0.9 for h in hits[1:])

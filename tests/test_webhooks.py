@@ -180,7 +180,7 @@ def test_mlflows_own_delivery_code_reaches_the_receiver_under_uvicorn(monkeypatc
     from mlflow.entities.webhook import Webhook, WebhookEvent, WebhookStatus
     from mlflow.webhooks.delivery import _create_webhook_session, _send_webhook_request
 
-    # What an MLflow server needs to deliver to a loopback http receiver (see README).
+    # What an MLflow server needs to deliver to a loopback http receiver (docs/contracts.md, webhook register).
     monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
     monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
     port = free_port()
