@@ -1,4 +1,4 @@
-"""Shared test set-up: an isolated environment, and real models and data reused across the session.
+"""Shared test set-up: an isolated environment, and real models and data reused across the test run.
 
 The environment is set at import time, before any test module imports Prefect or MLflow, so that no test writes into
 the user's home or talks to a server the user happens to have configured.
@@ -68,7 +68,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sandbox() -> Path:
-    """The session's scratch folder (PREFECT_HOME, the MLflow database and caches live under it)."""
+    """The test run's scratch folder (PREFECT_HOME, the MLflow database and caches live under it)."""
     return _SANDBOX
 
 
@@ -126,7 +126,7 @@ def clean_set(clean_set_dir):
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """Prefect's test harness (a temporary API server and database), shared by every flow test of the session.
+    """Prefect's test harness (a temporary API server and database), shared by every flow test of the run.
 
     Flow-run heartbeats are off in this process: Prefect 3.9 joins each run's heartbeat thread at exit, which cost
     about 1 s per flow run here (30 sub-flows: 35 s with heartbeats, 6-8 s without). Nothing here relies on them: a

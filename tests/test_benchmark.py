@@ -1,6 +1,6 @@
 """The defense benchmark: the registry, what each defense may see, the baselines' own rules, and one real run.
 
-Models and data are real (the session's backdoored Fashion-MNIST CNN; the runner test trains its own small one).
+Models and data are real (the test run's backdoored Fashion-MNIST CNN; the runner test trains its own small one).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The MLflow evaluator plugin `gradprune`, selected by name through the installed entry point.
 
 The package is installed (editable) by scripts/setup.sh, so `evaluators=["gradprune"]` resolves through the
-`mlflow.model_evaluator` entry point exactly as it would for a user. Tracking goes to the session's sqlite store
+`mlflow.model_evaluator` entry point exactly as it would for a user. Tracking goes to the test run's sqlite store
 (tests/conftest.py).
 """
 
