@@ -90,7 +90,8 @@ def test_one_scan_handles_every_pending_version(first_scan, registry):
         assert tags[T.STATUS] == T.SANITIZED and tags[T.RUN_ID] == outcome["run_id"]
         assert tags[T.SANITIZED_VERSION] == outcome["sanitized_version"]
         made = client.get_model_version(GOOD, outcome["sanitized_version"])
-        assert made.tags == {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: source, T.RUN_ID: outcome["run_id"]}
+        assert made.tags == {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: source, T.RUN_ID: outcome["run_id"],
+                             T.MODEL_FORMAT: "pickle"}
         assert "| attack success rate |" in made.description and outcome["run_url"] in made.description
         assert outcome["after"]["attack_success_rate"] < 0.2 < outcome["before"]["attack_success_rate"]
         run = client.get_run(outcome["run_id"])
@@ -165,7 +166,7 @@ def test_cli_scan_prints_the_table(first_scan, registry, tmp_path):
     result = CliRunner().invoke(app, ["scan", "--model", "unsafe-cnn", "--set", "finetune_epochs=3"])
     assert result.exit_code == 0, result.output
     assert "gradprune scan" in result.output and "unsafe" in result.output
-    assert f"unsafe-cnn v{version} unsafe: model file model.pth imports" in " ".join(result.output.split())
+    assert f"unsafe-cnn v{version} unsafe: model file data/model.pth imports" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["scan", "--model", "unsafe-cnn"])
     assert result.exit_code == 0 and "nothing pending" in result.output
     result = CliRunner().invoke(app, ["scan", "--set", "bogus=1"])
