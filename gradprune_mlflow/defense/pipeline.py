@@ -149,6 +149,8 @@ def run_sanitize(
         "pruned_filters": masks.count,
         "total_filters": masks.total,
         "pruned_by_layer": {k: v for k, v in masks.by_layer().items() if v},
+        # convs whose filters cannot give an exactly zero channel, never pruned (defense/dataflow.py)
+        "unprunable_layers": masks.unprunable,
         "gradient_passes": prune_out.passes if prune_out else 0,
         "finetune_epochs": finetune_out.epochs if finetune_out else 0,
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
