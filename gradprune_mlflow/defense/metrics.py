@@ -1,7 +1,9 @@
 """What we measure: clean accuracy, attack success rate (ASR) and robust accuracy (RA), and the validation losses.
 
 - clean accuracy: correct predictions on clean images.
-- ASR: triggered images of every class but the target that the model assigns to the target.
+- ASR: triggered images of every class but the target that the model assigns to the target. For an all-to-all
+  trigger (`mode == "all-to-all"`, which sends class y to `trigger.targets(y)`): triggered images of every class that
+  the model assigns to their own shifted class.
 - RA: those same triggered images that the model still assigns to their true class.
 """
 
@@ -68,7 +70,10 @@ def attack_metrics(
 
     The clean target rate is the share of the same images, untriggered, that the model already puts in the target
     class: the part of the ASR that is the model's own confusion, not the backdoor (ASR cannot be expected below it).
+    An all-to-all trigger is measured on every image of `data`, each against its own target (`backdoor_targets`).
     """
+    if is_all_to_all(trigger):
+        return _all_to_all_metrics(net, data, trigger, batch_size)
     keep = data.labels != trigger.target
     if not keep.any():
         return None, None, None
@@ -76,6 +81,29 @@ def attack_metrics(
     clean = logits(net, data.images[keep], batch_size).argmax(1)
     return ((preds == trigger.target).float().mean().item(), (preds == data.labels[keep]).float().mean().item(),
             (clean == trigger.target).float().mean().item())
+
+
+def is_all_to_all(trigger: Trigger) -> bool:
+    """Whether `trigger` sends each class to its own target (`mode == "all-to-all"`, with `targets(labels)`)."""
+    return getattr(trigger, "mode", "all-to-one") == "all-to-all"
+
+
+def backdoor_targets(trigger: Trigger, labels: torch.Tensor) -> torch.Tensor:
+    """The class the backdoor sends a triggered image of each class in `labels` to."""
+    if is_all_to_all(trigger):
+        return trigger.targets(labels)
+    return torch.full_like(labels, trigger.target)
+
+
+def _all_to_all_metrics(net: nn.Module, data: Split, trigger: Trigger, batch_size: int) -> tuple[float | None, ...]:
+    """attack_metrics for an all-to-all trigger: every image counts, each against its own shifted label."""
+    if len(data) == 0:
+        return None, None, None
+    targets = backdoor_targets(trigger, data.labels)
+    preds = logits(net, trigger.apply(data.images), batch_size).argmax(1)
+    clean = logits(net, data.images, batch_size).argmax(1)
+    return ((preds == targets).float().mean().item(), (preds == data.labels).float().mean().item(),
+            (clean == targets).float().mean().item())
 
 
 def evaluate(net: nn.Module, data: Split, trigger: Trigger | None, batch_size: int = 512) -> dict[str, float | None]:
