@@ -44,6 +44,9 @@ def test_every_trigger_maps_unit_images_to_changed_unit_images_deterministically
 def test_unknown_attack_lists_the_known_ones():
     with pytest.raises(ValueError, match="badnets-random"):
         lab.attack_trigger("nope")
+    with pytest.raises(ValueError, match="badnets-random"):
+        lab.poisoning("nope")
+    assert set(lab.POISONING) <= set(lab.ATTACKS)
 
 
 def test_checker_patch_is_red_green_on_colour_and_white_black_on_grey(real):

@@ -61,17 +61,20 @@ POISONING: dict[str, Poisoning] = {
 }
 
 
-def attack_trigger(name: str) -> Trigger:
-    """The trigger of a named attack; unknown names list the valid ones."""
+def _known(name: str) -> str:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
-    return ATTACKS[name]()
+    return name
+
+
+def attack_trigger(name: str) -> Trigger:
+    """The trigger of a named attack; unknown names list the valid ones."""
+    return ATTACKS[_known(name)]()
 
 
 def poisoning(name: str) -> Poisoning:
     """How the named attack is poisoned into the training set."""
-    attack_trigger(name)  # the same error for an unknown name
-    return POISONING.get(name, Poisoning())
+    return POISONING.get(_known(name), Poisoning())
 
 
 __all__ = ["ATTACKS", "POISONING", "AllToAllTrigger", "LowFrequencyTrigger", "Poisoning", "SampleSpecificTrigger",
