@@ -93,7 +93,7 @@ def test_wanet_warp_is_a_small_smooth_change_and_noise_mode_differs(real):
     change = (trigger.apply(x) - x).abs().mean()
     one_pixel_shift = (torch.roll(x, 1, dims=-1) - x).abs().mean()
     assert 0 < change < one_pixel_shift
-    # The field: mean displacement s/2 * mean|flow| = s/2 pixels in grid_sample's units, none over s * max|flow|.
+    # grid_sample's [-1, 1] spans H - 1 pixels: the field moves pixels by s * flow * (H - 1) / 2H, about s/2 on average.
     h = x.shape[-1]
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, h), indexing="ij")
     pixels = (trigger.grid(h, h) - torch.stack((xs, ys), -1)).abs() * (h - 1) / 2

@@ -51,7 +51,8 @@ class WarpTrigger(Trigger):
         return self._warp(x, self.grid(*x.shape[-2:]))
 
     def noisy(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Noise mode: the warp plus uniform noise of up to one pixel on each image's grid (labels are kept)."""
+        """Noise mode: the warp plus uniform noise in [-1/H, 1/H] on each image's grid, about half a pixel either way
+        (the training path keeps these images' labels)."""
         h, w = x.shape[-2:]
         noise = (torch.rand(len(x), h, w, 2, generator=generator) * 2 - 1) / h
         return self._warp(x, (self.grid(h, w) + noise).clamp(-1, 1))
