@@ -85,23 +85,27 @@ def _model(args, arch: str, attack: str) -> torch.nn.Module:
     return model
 
 
-def _write(args, rows: list[dict]) -> None:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.with_suffix(".csv").open("w", newline="") as fh:
+def write_table(out: Path, header: str, rows: list[dict]) -> None:
+    """`rows` as out.csv, and as out.md: `header`, then a markdown table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     cols = list(rows[0])
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     table += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join([header] + table) + "\n")
+
+
+def _write(args, rows: list[dict]) -> None:
     header = (f"Command: `.venv/bin/python benchmarks/zoo_quality.py {' '.join(sys.argv[1:])}`  \n"
               f"Date {date.today()}, commit {args.commit}; {platform.machine()}, {torch.get_num_threads()} threads, "
               "CPU. "
               f"torchvision models with random initial weights trained on {args.n_train} attacker images "
               f"({IMAGE}, {args.epochs} epochs, 10% poison to class 0), {args.per_class} trusted images per class, "
               f"seed {args.seed}, 10,000 test images; ASR with the real trigger, given for evaluation only.\n")
-    lines = [header] + table
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_table(args.out, header, rows)
 
 
 if __name__ == "__main__":

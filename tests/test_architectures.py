@@ -21,6 +21,7 @@ from gradprune_mlflow.defense.exactness import channels_of, not_zero, outputs_at
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.triggers import PatchTrigger
 from gradprune_mlflow.errors import UnsupportedModel
+from gradprune_mlflow.models.io import load_model
 from gradprune_mlflow.models.zoo import VISION, create_model
 
 # architecture -> (number of unprunable convs, a word of the reason)
@@ -204,3 +205,32 @@ def test_an_op_the_trace_cannot_read_leaves_its_convs_unpruned(monkeypatch):
     # every conv is then unprunable, and the model is refused with each conv's reason
     with pytest.raises(UnsupportedModel, match=r"stem: the channel could not be followed through relu \(Runtime"):
         FilterMasks(Gated().eval(), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", ["densenet121", "convnext_tiny"])
+def test_saved_formats_prune_what_the_eager_model_prunes(arch, colour_images, tmp_path):
+    """A pt2 program and a TorchScript script of a net with concatenations into BatchNorms (DenseNet) or channels-last
+    LayerNorms (ConvNeXt) find the eager model's filters, norms and unprunable convs, and pruning the same filters
+    gives the eager model's outputs, whose pruned channels the test above shows to be exactly zero."""
+    model = build(arch)
+    example = torch.zeros(1, 3, 32, 32)
+    torch.export.save(torch.export.export(model, (example,)), tmp_path / "m.pt2")
+    torch.jit.save(torch.jit.script(model), tmp_path / "m.pt")
+    eager = FilterMasks(model, example)
+    prune_two_filters_per_layer(eager)
+    with torch.no_grad():
+        expected = model(colour_images)
+    for path in (tmp_path / "m.pt2", tmp_path / "m.pt"):
+        loaded = load_model(path)
+        masks = FilterMasks(loaded, example)
+        assert list(masks.convs) == list(eager.convs), path.suffix
+        assert masks.unprunable == eager.unprunable, path.suffix
+        assert set(masks.bns) == set(eager.bns), path.suffix
+        assert {n: [(p.first, p.start, p.length) for p in parts] for n, parts in masks.norms.items()} == \
+            {n: [(p.first, p.start, p.length) for p in parts] for n, parts in eager.norms.items()}, path.suffix
+        assert masks.norms, "the nets reach norms through concatenations or permutes"
+        prune_two_filters_per_layer(masks)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(colour_images), expected, rtol=1e-4, atol=1e-4)

@@ -1,8 +1,8 @@
 """The filter mask set: which conv output filters are pruned, and the means to hold them at exactly zero.
 
-A filter is an output channel of a 4-D conv weight. For eager modules the convs are nn.Conv2d modules and their
-BatchNorms are found by a traced forward; a saved-format adapter (pt2, TorchScript) names the same tensors from its
-graph (`conv_filters`, see models/filters.py), and everything below works on those tensors alike.
+A filter is an output channel of a 4-D conv weight. For eager modules the convs are nn.Conv2d modules; for a
+saved-format adapter (pt2, TorchScript) they are the 4-D conv weights its graph uses, by the same names. Both are
+traced the same way at the level of aten ops (defense/dataflow.py), and everything below works on their tensors alike.
 
 A pruned filter's output channel is exactly zero: its weights and bias are zeroed, and so are the gamma AND beta of a
 BatchNorm that directly consumes the conv's output (zeroing gamma alone would leave beta as a constant channel).
@@ -15,6 +15,7 @@ plain model with those zeros folded in. Grouped and depthwise convs are masked t
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,19 @@ from torch import nn
 
 from gradprune_mlflow.defense.dataflow import NormSlice, trace, zero_norm_channels
 from gradprune_mlflow.errors import UnsupportedModel
+
+
+@dataclass(eq=False)
+class ConvParams:
+    """A saved format's conv (not an nn.Conv2d module): its weight (out, in/groups, kh, kw) and optional bias, the
+    model's own tensors, with what FilterMasks and the importance scores read of an nn.Conv2d."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -34,64 +48,34 @@ def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
     return convs
 
 
-@torch.no_grad()
-def following_batchnorms(model: nn.Module, example: torch.Tensor) -> dict[str, nn.BatchNorm2d]:
-    """Map conv name -> the BatchNorm2d that takes that conv's output tensor directly, found by one traced forward.
+def following_batchnorms(model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
+    """Map conv name -> the norm that takes that conv's output tensor as it is, found by one traced forward.
 
     Identity of tensors is what counts, not module order: it works for Sequential, residual and pre-activation nets.
     """
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, nn.BatchNorm2d] = {}
-    handles = []
-
-    def on_conv(name):
-        def hook(_m, _inp, out):
-            outputs[id(out)] = (name, out)  # the tensor is kept alive so its id cannot be reused mid-forward
-
-        return hook
-
-    def on_bn(bn):
-        def hook(_m, inp):
-            hit = outputs.get(id(inp[0]))
-            if hit is not None and hit[1] is inp[0] and bn.num_features == hit[1].shape[1]:
-                pairs[hit[0]] = bn
-
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(on_conv(name)))
-        elif isinstance(m, nn.BatchNorm2d):
-            handles.append(m.register_forward_pre_hook(on_bn(m)))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return pairs
+    return trace(model, example).direct
 
 
 class FilterMasks:
     """Pruned filters of every conv layer, kept as boolean masks, plus the pruning history."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        self.norms: dict[str, list[NormSlice]] = {}  # norms reached through a concatenation or a permute
-        self.unprunable: list[dict[str, str]] = []  # convs left unpruned, [{"layer", "reason"}], for the report
-        found = getattr(model, "conv_filters", None)
-        if found is not None:  # a saved-format adapter (models/adapter.py): filters found from its graph
-            self.convs, self.bns = found()
-            self.unprunable = list(model.unprunable)
-            if not self.convs:
-                raise UnsupportedModel("no conv filter of the model can be pruned exactly: " + "; ".join(
-                    f"{u['layer']}: {u['reason']}" for u in self.unprunable) if self.unprunable else
-                    "the model has no 2-D conv layer; Grad-Prune prunes conv filters, so it cannot be sanitized")
+        flow = trace(model, example)
+        if hasattr(model, "inner"):  # a saved-format adapter (models/adapter.py): convs are its 4-D conv weights
+            order = [n.removesuffix(".weight") for n, p in model.inner.named_parameters() if p.ndim == 4]
+            convs = {n: ConvParams(*flow.convs[n]) for n in order if n in flow.convs}
         else:
-            self.convs = conv_layers(model)
-            self.bns = following_batchnorms(model, example)
-            self._follow_channels(model, example)
+            convs = conv_layers(model)
+        # convs left unpruned, [{"layer", "reason"}], for the report
+        self.unprunable = [{"layer": name, "reason": why} for name, why in flow.unprunable.items()]
+        self.convs = {name: c for name, c in convs.items() if name not in flow.unprunable}
+        if not self.convs:
+            raise UnsupportedModel("no conv filter of the model can be pruned exactly: " + "; ".join(
+                f"{u['layer']}: {u['reason']}" for u in self.unprunable) if self.unprunable else
+                "the model has no 2-D conv layer; Grad-Prune prunes conv filters, so it cannot be sanitized")
+        self.bns = {name: norm for name, norm in flow.direct.items() if name in self.convs}
+        # norms reached through a concatenation or a permute
+        self.norms: dict[str, list[NormSlice]] = {n: parts for n, parts in flow.norms.items() if n in self.convs}
         self.pruned = {name: torch.zeros(c.out_channels, dtype=torch.bool) for name, c in self.convs.items()}
         self.history: list[dict[str, Any]] = []
 
@@ -127,27 +111,10 @@ class FilterMasks:
             if conv.bias is not None:
                 conv.bias[idx] = 0
             bn = self.bns.get(name)
-            if bn is not None and bn.affine:
-                bn.weight[idx] = 0
-                bn.bias[idx] = 0
-            elif bn is not None and bn.running_mean is not None:
-                # no gamma/beta to zero: a zero mean maps the zero input to exactly zero
-                bn.running_mean[idx] = 0
+            if bn is not None:  # gamma and beta, or with no gamma the running mean: a zero input stays zero
+                zero_norm_channels(bn, torch.nonzero(idx))
             for part in self.norms.get(name, ()):
                 zero_norm_channels(part.norm, torch.nonzero(idx[part.first:part.first + part.length]) + part.start)
-
-    def _follow_channels(self, model: nn.Module, example: torch.Tensor) -> None:
-        """Find the norms past concatenations and permutes, and set aside the convs that cannot be pruned exactly."""
-        flow = trace(model, self.convs, example)
-        self.unprunable = [{"layer": name, "reason": why} for name, why in flow.unprunable.items()]
-        self.convs = {name: c for name, c in self.convs.items() if name not in flow.unprunable}
-        if not self.convs:
-            raise UnsupportedModel("no conv filter of the model can be pruned exactly: "
-                                   + "; ".join(f"{u['layer']}: {u['reason']}" for u in self.unprunable))
-        for name, parts in flow.norms.items():
-            extra = [p for p in parts if p.norm is not self.bns.get(name)]
-            if extra and name in self.convs:
-                self.norms[name] = extra
 
     def state(self) -> dict[str, Any]:
         """A copy of the masks and history, to restore with `load_state`."""

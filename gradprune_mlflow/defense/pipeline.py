@@ -39,8 +39,8 @@ def check_model(model: nn.Module, clean_set: CleanSet) -> None:
     """Raise UnsupportedModel/BadInput unless the model is a finite conv net that maps input_shape to num_classes."""
     if not isinstance(model, nn.Module):
         raise BadInput(f"the model is a {type(model).__name__}, not a torch nn.Module; save the whole module")
-    # a saved-format adapter (pt2, TorchScript) names its convs from its graph: its modules are not nn.Conv2d
-    convs = [*model.conv_filters()[0], *model.unprunable] if hasattr(model, "conv_filters") else \
+    # a saved-format adapter's (pt2, TorchScript) modules are not nn.Conv2d: its convs are 4-D weights
+    convs = [p for p in model.parameters() if p.ndim == 4] if hasattr(model, "inner") else \
         [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise UnsupportedModel(

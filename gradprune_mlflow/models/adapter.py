@@ -1,9 +1,10 @@
 """The model adapter: a model in a saved format (pt2, TorchScript) as an nn.Module the sanitizer can train.
 
-An adapter gives the pipeline (a) a module that takes a batch of any size, (b) the conv filters as parameters
-(`conv_filters`, see filters.py), and (c) `write`, which saves the sanitized model in the format it came in: the same
-kind of file, or the same MLflow model folder with only the model file replaced (MLmodel, signature, input example,
-requirements and extra files are kept byte for byte). Eager modules (torch.save, MLflow pickle) need no adapter.
+An adapter gives the pipeline (a) a module that takes a batch of any size, (b) its `inner` module, whose parameters
+are trained and pruned (FilterMasks traces it on `trace_input`, see defense/dataflow.py), and (c) `write`, which
+saves the sanitized model in the format it came in: the same kind of file, or the same MLflow model folder with only
+the model file replaced (MLmodel, signature, input example, requirements and extra files are kept byte for byte).
+Eager modules (torch.save, MLflow pickle) need no adapter.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradprune_mlflow.errors import BadInput
-from gradprune_mlflow.models.filters import ConvParams, FilterSpec, NormParams, resolve_all
 
 HISTORY_FILE = "pruning_history.json"
 # Written by MLflow into a downloaded registry version (its name and version): the source's, not the new model's.
@@ -73,21 +74,18 @@ class FormatAdapter(nn.Module):
 
     model_format = "module"
 
-    def __init__(self, source: Source, specs: list[FilterSpec], unprunable: dict[str, str] | None = None):
+    def __init__(self, source: Source):
         super().__init__()
         self.source = source
-        self.filter_specs = specs
-        # convs left unpruned, as FilterMasks reports them: [{"layer", "reason"}]
-        self.unprunable = [{"layer": k, "reason": v} for k, v in (unprunable or {}).items()]
 
     @property
     def inner(self) -> nn.Module:
         """The loaded module whose parameters are trained."""
         raise NotImplementedError
 
-    def conv_filters(self) -> tuple[dict[str, ConvParams], dict[str, NormParams]]:
-        """Every 4-D conv weight of the model (by layer name) and the BatchNorm that consumes each, as its tensors."""
-        return resolve_all(self.filter_specs, self.inner)
+    def trace_input(self, example: torch.Tensor) -> torch.Tensor:
+        """A batch of `example`'s images that `inner` accepts as it is (its graph may fix the batch size)."""
+        return example
 
     def model_bytes(self) -> bytes:
         """The sanitized model file's content, in the source's format."""
