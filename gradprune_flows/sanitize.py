@@ -125,8 +125,9 @@ def sanitize_model(source, inputs, config: SanitizeConfig):
     logger = get_run_logger()
     result = steps.run_defense(source, inputs, config, progress=_LogProgress(logger))
     before, after = result.report.get("before") or {}, result.report.get("after") or {}
-    logger.info("ASR %s -> %s, clean accuracy %s -> %s", before.get("attack_success_rate"),
-                after.get("attack_success_rate"), before.get("clean_accuracy"), after.get("clean_accuracy"))
+    key = "attack_success_rate" if "attack_success_rate" in before else "synthesized_trigger_success_rate"
+    logger.info("%s %s -> %s, clean accuracy %s -> %s", key, before.get(key), after.get(key),
+                before.get("clean_accuracy"), after.get("clean_accuracy"))
     return result
 
 

@@ -338,3 +338,18 @@ def test_a_source_whose_sanitized_version_exists_is_finished_from_it_not_sanitiz
     assert client.get_registered_model("adopt-model").aliases == {T.ALIAS: made}
     assert job.adopt(pending, held) is not None  # idempotent: finishing again changes nothing
     assert _tags(client, "adopt-model", source) == tags
+
+
+def test_a_rate_measured_with_a_synthesized_trigger_is_never_shown_as_the_attack_success_rate():
+    synth = {"clean_accuracy": 0.9, "synthesized_trigger_success_rate": 0.96,
+             "synthesized_trigger_robust_accuracy": 0.03, "clean_target_rate": 0.02}
+    report = {"before": synth, "after": {**synth, "synthesized_trigger_success_rate": 0.003},
+              "asr_measured_with": "synthesized"}
+    table = before_after_table(report)
+    assert "| attack success rate | - | - |" in table
+    assert "| synthesized-trigger success rate (not the attack's) | 96.0% | 0.3% |" in table
+    metrics = runlog.report_metrics(report)
+    assert metrics["synthesized_trigger_success_rate/after"] == pytest.approx(0.003)
+    assert not any(k.startswith(("attack_success_rate", "robust_accuracy")) for k in metrics)
+    # a real trigger's table has no synthesized rows
+    assert "synthesized" not in before_after_table({"before": {"attack_success_rate": 0.9}, "after": None})

@@ -106,6 +106,9 @@ def test_report_follows_schema_1(known):
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "known"
     assert report["detection"] is None, "known-trigger mode detects nothing"
     assert report["evaluated_on"] == "test" and report["evaluated_images"] == 2000
+    timings = report["timings"]
+    assert set(timings) == {"pruning", "fine_tuning", "measuring"}, "no synthesis or recheck with a known trigger"
+    assert all(t > 0 for t in timings.values()) and sum(timings.values()) <= report["seconds"]
     for block in ("before", "after"):
         assert set(report[block]) == set(METRICS)
         assert all(0.0 <= report[block][m] <= 1.0 for m in METRICS), report[block]
@@ -299,6 +302,10 @@ def test_trigger_free_on_a_clean_model_with_skip(clean_cnn, clean_set):
     print(f"clean model: detection {detection['family']} class {detection['target']} "
           f"anomaly index {detection['anomaly_index']} flagged {detection['flagged']}")
     assert report["trigger_source"] == "synthesized" and report["asr_measured_with"] == "synthesized"
+    # measured with the defense's own trigger: never under the attack's name
+    assert "attack_success_rate" not in report["before"] and "robust_accuracy" not in report["before"]
+    assert 0.0 <= report["before"]["synthesized_trigger_success_rate"] <= 1.0
+    assert {"synthesis", "measuring"} <= set(report["timings"]) and "pruning" not in report["timings"]
     # no probe finds a trigger on a clean model, and an anomaly index alone (its top class can pass 2) flags nothing
     assert detection["flagged"] is False and detection["flagged_by"] is None
     assert max(h["best"] for h in detection["probes"]["patch"]) < 0.9

@@ -46,6 +46,13 @@ def quiet_output() -> None:
         root.addHandler(handler)
 
 
+def _attack_pair(outcome: dict[str, Any]) -> str:
+    """ASR before -> after; without a real trigger to measure with, the synthesized trigger's rate, labelled so."""
+    real = _pair(outcome, "attack_success_rate")
+    synthesized = _pair(outcome, "synthesized_trigger_success_rate")
+    return f"{synthesized} (synthesized trigger)" if real == "-" and synthesized != "-" else real
+
+
 def _pair(outcome: dict[str, Any], key: str) -> str:
     before, after = (outcome.get("before") or {}).get(key), (outcome.get("after") or {}).get(key)
     if before is None and after is None:
@@ -64,7 +71,7 @@ def outcomes_table(outcomes: list[dict[str, Any]], title: str = "gradprune scan"
     for o in outcomes:
         status = o["status"]
         table.add_row(o["model"], str(o["version"]), f"[{colours.get(status, 'red')}]{status}[/]",
-                      _pair(o, "attack_success_rate"), _pair(o, "clean_accuracy"),
+                      _attack_pair(o), _pair(o, "clean_accuracy"),
                       f"v{o['sanitized_version']}" if o.get("sanitized_version") else "-")
     return table
 

@@ -131,14 +131,14 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gradprune_mlflow.report.summary import ROWS, pct
+    from gradprune_mlflow.report.summary import pct, rows
 
     report, console = result.report, Console(soft_wrap=True)  # long paths stay on one line in logs
     table = Table(title="gradprune sanitize", title_justify="left")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    for label, key in ROWS:
+    for label, key in rows(report):
         table.add_row(label, pct((report.get("before") or {}).get(key)), pct((report.get("after") or {}).get(key)))
     console.print(table)
     for line in _facts(report):

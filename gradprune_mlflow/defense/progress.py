@@ -6,6 +6,9 @@ bar on a terminal, and everything else gets the silent default.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 
@@ -31,3 +34,18 @@ class SilentProgress:
 
     def close(self) -> None:
         pass
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase: `with timer("pruning"): ...`; a phase entered twice adds up."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)

@@ -24,7 +24,8 @@ from gradprune_mlflow.registry.pending import PendingVersion
 from gradprune_mlflow.report.figures import curve_png, triggers_png
 
 SIDES = ("before", "after")
-REPORT_METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "clean_target_rate")
+REPORT_METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "clean_target_rate",
+                  "synthesized_trigger_success_rate", "synthesized_trigger_robust_accuracy")
 # The pruning curve, one point per pruning step (x = step).
 CURVE_METRICS = {"pruned": "curve/pruned_filters", "val_clean_accuracy": "curve/val_clean_accuracy",
                  "val_unlearning_loss": "curve/val_unlearning_loss"}

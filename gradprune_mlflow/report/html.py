@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from gradprune_mlflow.report.figures import png_bytes
-from gradprune_mlflow.report.summary import ROWS, how_measured, pct
+from gradprune_mlflow.report.summary import how_measured, pct, rows
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#1a1a1a;max-width:60em}
@@ -42,9 +42,9 @@ def render_report(report: dict[str, Any], *, title: str, figures: dict[str, Any]
 
 def _table_html(report: dict[str, Any]) -> str:
     before, after = report.get("before") or {}, report.get("after") or {}
-    rows = "".join(f"<tr><td>{label}</td><td class='num'>{pct(before.get(key))}</td>"
-                   f"<td class='num'>{pct(after.get(key))}</td></tr>" for label, key in ROWS)
-    return (f"<table id='before-after'><tr><th>metric</th><th>before</th><th>after</th></tr>{rows}</table>")
+    cells = "".join(f"<tr><td>{label}</td><td class='num'>{pct(before.get(key))}</td>"
+                    f"<td class='num'>{pct(after.get(key))}</td></tr>" for label, key in rows(report))
+    return f"<table id='before-after'><tr><th>metric</th><th>before</th><th>after</th></tr>{cells}</table>"
 
 
 def _facts(report: dict[str, Any]) -> str:

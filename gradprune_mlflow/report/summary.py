@@ -7,7 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 ROWS = (("clean accuracy", "clean_accuracy"), ("attack success rate", "attack_success_rate"),
-        ("robust accuracy", "robust_accuracy"), ("clean images to target", "clean_target_rate"))
+        ("robust accuracy", "robust_accuracy"), ("clean images to target", "clean_target_rate"),
+        ("synthesized-trigger success rate (not the attack's)", "synthesized_trigger_success_rate"),
+        ("robust accuracy, synthesized trigger", "synthesized_trigger_robust_accuracy"))
+# Shown only when measured: a trigger-free run without an evaluation trigger has no real trigger to measure with.
+SYNTHESIZED = {"synthesized_trigger_success_rate", "synthesized_trigger_robust_accuracy"}
 
 
 def pct(value: Any) -> str:
@@ -15,12 +19,19 @@ def pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
 
 
+def rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (label, key) rows of the before/after table for this report."""
+    sides = [report.get("before") or {}, report.get("after") or {}]
+    return [(label, key) for label, key in ROWS
+            if key not in SYNTHESIZED or any(side.get(key) is not None for side in sides)]
+
+
 def before_after_table(report: dict[str, Any]) -> str:
     """The markdown table of clean accuracy, attack success rate, robust accuracy and clean target rate, before and
     after."""
     before, after = report.get("before") or {}, report.get("after") or {}
     lines = ["| metric | before | after |", "|---|---:|---:|"]
-    lines += [f"| {label} | {pct(before.get(key))} | {pct(after.get(key))} |" for label, key in ROWS]
+    lines += [f"| {label} | {pct(before.get(key))} | {pct(after.get(key))} |" for label, key in rows(report)]
     return "\n".join(lines)
 
 
