@@ -115,6 +115,13 @@ def test_ssba_like_perturbation_is_bounded_and_specific_to_each_image(real):
     pair_gap = (delta[1:] - delta[:-1]).abs().flatten(1).mean(1)
     assert (pair_gap > trigger.epsilon / 10).all()
     assert torch.allclose(trigger.perturbation(x[5:6]), delta[5:6], atol=1e-6)
+    # A heavier code makes the images' perturbations more alike: a larger part of them is shared.
+    heavy = lab.SampleSpecificTrigger(0, code_weight=3.0).perturbation(x)
+
+    def shared(d):
+        return (d.mean(0) ** 2).sum() / (d**2).sum(dim=(1, 2, 3)).mean()
+
+    assert shared(heavy) > shared(delta)
 
 
 def test_low_frequency_trigger_has_no_energy_above_its_cutoff(real):

@@ -19,15 +19,20 @@ from gradprune_mlflow.defense.triggers import Trigger
 
 
 class SampleSpecificTrigger(Trigger):
-    """x' = clip(x + epsilon * tanh(z / std(z))), z = conv(tanh(conv([2x - 1, code]))) with seeded weights."""
+    """x' = clip(x + epsilon * tanh(gain * z / std(z))), z = conv(tanh(conv([2x - 1, code_weight * code]))), the
+    weights seeded. A larger code_weight makes the code's shared signature outweigh the image's own part (easier to
+    learn, less specific to each image); a larger gain spends more of the epsilon budget.
+    """
 
     kind = "ssba-like"
 
-    def __init__(self, target: int, epsilon: float = 8 / 255, hidden: int = 16, seed: int = 0):
+    def __init__(self, target: int, epsilon: float = 8 / 255, hidden: int = 16, seed: int = 0,
+                 code_weight: float = 1.0, gain: float = 1.0):
         super().__init__(target)
-        if not 0.0 < float(epsilon) <= 1.0 or int(hidden) < 1:
-            raise ValueError("sample-specific trigger needs 0 < epsilon <= 1 and hidden >= 1")
+        if not 0.0 < float(epsilon) <= 1.0 or int(hidden) < 1 or float(code_weight) < 0 or float(gain) <= 0:
+            raise ValueError("sample-specific trigger needs 0 < epsilon <= 1, hidden >= 1, code_weight >= 0, gain > 0")
         self.epsilon, self.hidden, self.seed = float(epsilon), int(hidden), int(seed)
+        self.code_weight, self.gain = float(code_weight), float(gain)
         self._nets: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def _net(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
@@ -45,10 +50,10 @@ class SampleSpecificTrigger(Trigger):
     def perturbation(self, x: torch.Tensor) -> torch.Tensor:
         """Each image's own additive perturbation, every value strictly inside (-epsilon, epsilon)."""
         code, w1, w2 = (t.to(x.device, x.dtype) for t in self._net(tuple(int(s) for s in x.shape[1:])))
-        inputs = torch.cat([2 * x - 1, code.expand(len(x), -1, -1, -1)], dim=1)
+        inputs = torch.cat([2 * x - 1, self.code_weight * code.expand(len(x), -1, -1, -1)], dim=1)
         z = F.conv2d(torch.tanh(F.conv2d(inputs, w1, padding=1)), w2, padding=1)
         z = z / z.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
-        return self.epsilon * torch.tanh(z)
+        return self.epsilon * torch.tanh(self.gain * z)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if len(x) == 0:
@@ -56,4 +61,5 @@ class SampleSpecificTrigger(Trigger):
         return (x + self.perturbation(x)).clamp(0, 1)
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "epsilon": self.epsilon, "hidden": self.hidden, "seed": self.seed}
+        return {**super().spec(), "epsilon": self.epsilon, "hidden": self.hidden, "seed": self.seed,
+                "code_weight": self.code_weight, "gain": self.gain}
