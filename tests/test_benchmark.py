@@ -25,7 +25,7 @@ from gradprune_mlflow.benchmark.registry import Defended, Defense, defense_names
 from gradprune_mlflow.defense.metrics import accuracy, evaluate
 from gradprune_mlflow.defense.normalize import Normalized
 
-BENCHMARK_DEFENSES = ["none", "fine-tuning", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
+BENCHMARK_DEFENSES = ["none", "fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
                   "grad-prune-fast", "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known",
                   "prune-only-free"]
 

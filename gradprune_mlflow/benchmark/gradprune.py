@@ -35,6 +35,7 @@ def _variant(overrides: dict):
             # report.json's gradient_passes: passes of the unlearning loss over the scoring set while pruning
             "scoring_passes": rep["gradient_passes"],
             "flagged": det.get("flagged", ""), "detected_target": det.get("target", ""),
+            "anomaly_index": det.get("anomaly_index", ""),  # the detection table's score
         })
 
     return run

@@ -1,9 +1,21 @@
-"""The benchmark's presets: which models, attacks, clean budgets and seeds one command runs."""
+"""The benchmark's presets: which models, attacks, clean budgets and seeds one command runs.
+
+Seeds are kept apart: settings may be chosen on the development seeds (`--split dev`, the default) only, and the test
+seeds (`--split test`) give the figures that are reported as held-out (benchmark.guard checks that nothing changed
+in between). The attack "clean" is the lab's clean model of the same architecture: the detection table's negatives.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from gradprune_mlflow.lab.attacks import ATTACKS as LAB_ATTACKS
+
+
+def lab_attacks() -> tuple[str, ...]:
+    """Every attack the lab has, in its order."""
+    return tuple(LAB_ATTACKS)
 
 
 @dataclass(frozen=True)
@@ -12,26 +24,52 @@ class Preset:
     archs: tuple[str, ...]
     attacks: tuple[str, ...]
     per_class: tuple[int, ...]  # trusted clean images per class
-    seeds: tuple[int, ...]  # each seed: its own backdoored model, clean draw and defense randomness
+    # Each seed: its own backdoored model, clean draw and defense randomness; development and test seeds never meet.
+    dev_seeds: tuple[int, ...]
+    test_seeds: tuple[int, ...] = ()
     image: str = "gray28"  # see lab.IMAGE_FORMATS
     n_train: int = 50_000  # attacker's training images (Fashion-MNIST has 50,000 for the attacker)
     epochs: int = 5  # attacker's training epochs
     test_images: int | None = None  # None: all 10,000 test images
     # Per-defense keyword options, e.g. {"anp": {"iterations": 500}}; the markdown header lists them.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    defenses: tuple[str, ...] | None = None  # the command's default list; None: every registered defense
+
+    def seeds(self, split: str = "dev") -> tuple[int, ...]:
+        """The seeds of `split` ("dev" or "test")."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        seeds = self.dev_seeds if split == "dev" else self.test_seeds
+        if not seeds:
+            raise ValueError(f"preset {self.name!r} has no {split} seeds")
+        return seeds
 
     def with_overrides(self, **kw) -> Preset:
         """A copy with the non-None keyword arguments replaced (tuples from lists)."""
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if v is not None})
 
 
+SPLITS = ("dev", "test")
+CLEAN = "clean"  # the attack name of the lab's clean models
 ATTACKS = ("badnets", "blend", "signal")
+# One attack of each family the lab has (docs/attacks.md), clean models first; the GPU zoo runs every lab attack.
+ZOO_QUICK_ATTACKS = (CLEAN, "badnets", "blend", "signal", "wanet", "lowfreq", "badnets-all-to-all")
+ZOO_QUICK_DEFENSES = ("none", "fine-tuning", "ft-sam", "fine-pruning", "neural-cleanse", "grad-prune-fast",
+                      "grad-prune-free")
 PRESETS = {
-    "cpu": Preset("cpu", ("small_cnn", "tiny_resnet"), ATTACKS, (10, 50, 100), (0, 1, 2)),
-    "gpu": Preset("gpu", ("preact_resnet18",), ATTACKS, (10, 50, 100), (0, 1, 2), image="rgb32", epochs=15),
+    "cpu": Preset("cpu", ("small_cnn", "tiny_resnet"), ATTACKS, (10, 50, 100), (0, 1, 2), test_seeds=(5, 6, 7)),
+    "gpu": Preset("gpu", ("preact_resnet18",), ATTACKS, (10, 50, 100), (0, 1, 2), test_seeds=(5, 6, 7), image="rgb32",
+                  epochs=15),
     # minutes on 2 cores: for trying the command and for the tests, not for conclusions
-    "smoke": Preset("smoke", ("small_cnn",), ("badnets",), (20,), (0,), n_train=6000, epochs=2, test_images=1000,
-                    options={"anp": {"iterations": 50}}),
+    "smoke": Preset("smoke", ("small_cnn",), ("badnets",), (20,), (0,), test_seeds=(1,), n_train=6000, epochs=2,
+                    test_images=1000, options={"anp": {"iterations": 50}}),
+    # Planned for about an hour on 2 CPU cores (docs/development.md, "Benchmark zoo"): small models, few epochs.
+    "zoo-cpu-quick": Preset("zoo-cpu-quick", ("small_cnn",), ZOO_QUICK_ATTACKS, (20,), (0,), test_seeds=(100,),
+                            n_train=6000, epochs=2, test_images=1000, defenses=ZOO_QUICK_DEFENSES,
+                            options={"neural-cleanse": {"steps": 100}}),
+    "zoo-gpu": Preset("zoo-gpu", ("resnet18", "mobilenet_v3_small", "vgg11_bn"), (CLEAN, *lab_attacks()),
+                      (10, 50, 100, 250), (0, 1, 2), test_seeds=(100, 101, 102, 103, 104), image="color32",
+                      epochs=15),
 }
 
 

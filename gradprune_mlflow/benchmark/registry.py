@@ -62,8 +62,9 @@ def get_defense(name: str) -> Defense:
 
 
 # The order of the table: the baselines as practitioners know them, then Grad-Prune, then its ablations.
-TABLE_ORDER = ("none", "fine-tuning", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper", "grad-prune-fast",
-               "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known", "prune-only-free")
+TABLE_ORDER = ("none", "fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
+               "grad-prune-fast", "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known",
+               "prune-only-free")
 
 
 def defense_names() -> list[str]:
@@ -83,4 +84,11 @@ def run_defense(
 def _load_all() -> None:
     # Importing the modules runs their @register decorators.
     from gradprune_mlflow.benchmark import gradprune  # noqa: F401
-    from gradprune_mlflow.benchmark.baselines import anp, fine_pruning, fine_tuning, neural_cleanse, no_defense  # noqa: F401
+    from gradprune_mlflow.benchmark.baselines import (  # noqa: F401
+        anp,
+        fine_pruning,
+        fine_tuning,
+        ft_sam,
+        neural_cleanse,
+        no_defense,
+    )

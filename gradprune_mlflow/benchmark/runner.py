@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gradprune_mlflow import lab
 from gradprune_mlflow.benchmark.counting import BackwardCounter
-from gradprune_mlflow.benchmark.presets import Preset
+from gradprune_mlflow.benchmark.presets import CLEAN, Preset
 from gradprune_mlflow.benchmark.registry import Defense, get_defense, run_defense
 from gradprune_mlflow.defense.metrics import evaluate
 from gradprune_mlflow.defense.normalize import Normalized
@@ -29,6 +29,7 @@ from gradprune_mlflow.defense.normalize import Normalized
 FIELDS = ["arch", "attack", "per_class", "seed", "defense", "uses_trigger", "clean_acc", "asr", "ra", "acc_before",
           "asr_before", "seconds", "backward_passes", "flagged", "pruned", "device", "error", "info"]
 KEY = ("arch", "attack", "per_class", "seed", "defense")
+CLEAN_ASR_TRIGGER = "badnets"
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,31 @@ class Job:
         return (self.arch, self.attack, str(self.per_class), str(self.seed), self.defense)
 
 
-def jobs(preset: Preset, defenses: list[str]) -> list[Job]:
-    """All runs of a preset, grouped so that one backdoored model and one clean set serve consecutive runs."""
-    return [Job(a, t, s, n, d) for a in preset.archs for t in preset.attacks for s in preset.seeds
+def jobs(preset: Preset, defenses: list[str], split: str = "dev") -> list[Job]:
+    """All runs of a preset's split, grouped so that one backdoored model and one clean set serve consecutive runs."""
+    return [Job(a, t, s, n, d) for a in preset.archs for t in preset.attacks for s in preset.seeds(split)
             for n in preset.per_class for d in defenses]
+
+
+def check_attacks(attacks: tuple[str, ...]) -> None:
+    """Unknown attack names fail before any training, listing the valid ones."""
+    valid = (CLEAN, *lab.ATTACKS)
+    for name in attacks:
+        if name not in valid:
+            raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(valid)}")
+
+
+def model_for(job_attack: str, arch: str, preset: Preset, seed: int, cache_dir: Path, dev: torch.device):
+    """The model a job defends and the trigger it is measured with.
+
+    A clean model (attack "clean") is measured with BadNets' trigger only so that the row has the same columns; its
+    ASR means nothing and the tables leave it out (CLEAN_ASR_TRIGGER names the trigger in the rows' info).
+    """
+    common = dict(n_train=preset.n_train, epochs=preset.epochs, seed=seed, cache_dir=cache_dir, image=preset.image,
+                  device=str(dev))
+    if job_attack == CLEAN:
+        return lab.clean_model(arch, **common), lab.attack_trigger(CLEAN_ASR_TRIGGER)
+    return lab.backdoored_model(arch, job_attack, **common), lab.attack_trigger(job_attack)
 
 
 def device_name(device: torch.device) -> str:
@@ -65,13 +87,14 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def run(preset: Preset, defenses: list[str], out_csv: Path, *, cache_dir: Path, device: str = "auto",
-        console: Console | None = None) -> list[dict[str, str]]:
-    """Run every job of `preset` not yet in `out_csv`, appending rows; return all rows of the file."""
+        console: Console | None = None, split: str = "dev") -> list[dict[str, str]]:
+    """Run every job of `preset`'s `split` not yet in `out_csv`, appending rows; return all rows of the file."""
     console = console or Console()
     specs = [get_defense(d) for d in defenses]  # unknown names fail before any training
+    check_attacks(preset.attacks)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     done = {tuple(r[k] for k in KEY) for r in read_rows(out_csv)}
-    todo = [j for j in jobs(preset, defenses) if j.key() not in done]
+    todo = [j for j in jobs(preset, defenses, split) if j.key() not in done]
     console.print(f"[bold]{preset.name}[/]: {len(todo)} runs to do, {len(done)} already in {out_csv}; "
                   f"device {device_name(dev)}")
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -102,16 +125,14 @@ class _Env:
 
 def _environments(todo: list[Job], preset: Preset, cache_dir: Path, dev: torch.device, bar, task) -> Iterator:
     """Yield (job, env), building each backdoored model, clean set and 'before' measurement once."""
-    test = lab.test_data(preset.test_images)
-    test.images = lab.to_format(test.images, preset.image)
+    test = lab.test_data(preset.test_images, preset.image)  # coloured with the test images' own colour draw
     model_key = clean_key = None
     for job in todo:
         if (job.arch, job.attack, job.seed) != model_key:
             model_key = (job.arch, job.attack, job.seed)
             bar.update(task, description=f"training or loading {job.arch} ({job.attack}, seed {job.seed})")
-            model = lab.backdoored_model(job.arch, job.attack, n_train=preset.n_train, epochs=preset.epochs,
-                                         seed=job.seed, cache_dir=cache_dir, image=preset.image, device=str(dev))
-            trigger, clean_key = lab.attack_trigger(job.attack), None
+            model, trigger = model_for(job.attack, job.arch, preset, job.seed, cache_dir, dev)
+            clean_key = None
         if (model_key, job.per_class) != clean_key:
             clean_key = (model_key, job.per_class)
             clean = lab.trusted_set(job.per_class, seed=job.seed, image=preset.image)
@@ -145,6 +166,8 @@ def run_one(job: Job, spec: Defense, env: _Env, dev: torch.device, options: dict
     finally:
         env.model.cpu()
     info = dict(defended.info)
+    if job.attack == CLEAN:
+        info["asr_trigger"] = CLEAN_ASR_TRIGGER  # a clean model's ASR means nothing: the tables skip it
     row.update(clean_acc=after["clean_accuracy"], asr=after["attack_success_rate"], ra=after["robust_accuracy"],
                flagged=info.pop("flagged", ""), pruned=info.pop("pruned", ""), info=json.dumps(info, sort_keys=True))
     return row

@@ -7,7 +7,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from gradprune_mlflow.benchmark.presets import CLEAN
+
 METRICS = ("clean_acc", "asr", "ra", "seconds", "backward_passes")
+NO_MEANING_ON_CLEAN = ("asr", "ra", "asr_before")  # measured with some trigger on clean models: left out
 
 
 def _num(value: str) -> float | None:
@@ -28,7 +31,8 @@ def summarise(rows: list[dict[str, str]]) -> dict[tuple, dict]:
         cell: dict = {"n": len(ok), "errors": sorted({r["error"] for r in rs if r.get("error")}),
                       "flagged": sum(r.get("flagged") == "True" for r in ok)}
         for m in METRICS + ("acc_before", "asr_before"):
-            vals = [v for v in (_num(r.get(m)) for r in ok) if v is not None]
+            vals = [v for v in (_num(r.get(m)) for r in ok) if v is not None and not
+                    (key[1] == CLEAN and m in NO_MEANING_ON_CLEAN)]
             cell[m] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
         scoring = [json.loads(r.get("info") or "{}").get("scoring_passes") for r in ok]
         scoring = [v for v in scoring if isinstance(v, int | float)]
@@ -79,7 +83,7 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
     """The goals, each checked on the largest clean budget: (goal, met or None if not measured, evidence)."""
     summary = summarise(rows)
     out = []
-    for arch, attack in sorted({k[:2] for k in summary}):
+    for arch, attack in sorted({k[:2] for k in summary if k[1] != CLEAN}):
         n = max(k[2] for k in summary if k[:2] == (arch, attack))
 
         def cell(d, arch=arch, attack=attack, n=n):
@@ -145,7 +149,7 @@ def pruning_worth(rows: list[dict[str, str]]) -> str:
     summary = summarise(rows)
     lines = ["| model, attack, budget | full method | ASR % with / without pruning | acc % with / without | "
              "pruning adds |", "|---|---|---|---|---|"]
-    for arch, attack, n, d in sorted(k for k in summary if k[3] in dict(PRUNING_PAIRS)):
+    for arch, attack, n, d in sorted(k for k in summary if k[3] in dict(PRUNING_PAIRS) and k[1] != CLEAN):
         full, alone = summary[(arch, attack, n, d)], summary.get((arch, attack, n, dict(PRUNING_PAIRS)[d]))
         if not (full["n"] and alone and alone["n"]):
             continue
@@ -167,7 +171,9 @@ def plot(rows: list[dict[str, str]], defenses: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     summary = summarise(rows)
-    panels = sorted({k[:2] for k in summary})
+    panels = sorted({k[:2] for k in summary if k[1] != CLEAN})
+    if not panels:
+        return path
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     markers = "osD^v<>pP*Xh"
     for ax, (arch, attack) in zip(axes[0], panels, strict=True):

@@ -25,6 +25,9 @@ EPOCHS, PATIENCE, BATCH = 20, 5, 128
 # ANP get. (At 2 points, lr 0.01 on a 900-image set kept no epoch of the Fashion-MNIST CNN: it stayed untouched.)
 MAX_ACC_DROP = 0.05
 
+# step(net, optimizer, images, labels): one optimisation step on a batch (the default: plain cross-entropy SGD).
+Step = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], None]
+
 
 def device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters live: the runner puts the model on the benchmark's device before a defense."""
@@ -40,6 +43,7 @@ def sgd_finetune(
     stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     score: Callable[[nn.Module], float] | None = None,
     epochs: int = EPOCHS,
+    step: Step | None = None,
 ) -> int:
     """Fine-tune `net` (taking [0, 1] pixels) in place with clean cross-entropy; return the epoch kept.
 
@@ -47,10 +51,10 @@ def sgd_finetune(
     the validation score to maximise, with early stopping, and the best epoch is kept. Without a score (clean
     fine-tuning, which has no signal of the backdoor on clean data) the whole schedule runs and the last epoch whose
     validation accuracy stays within MAX_ACC_DROP of the original is kept: keeping the best clean accuracy would
-    keep the untouched model most of the time.
+    keep the untouched model most of the time. `step(net, opt, x, y)` replaces the plain cross-entropy step (FT-SAM).
     """
     if score is None:
-        return _finetune_latest_within(net, train, val, seed=seed, epochs=epochs)
+        return _finetune_latest_within(net, train, val, seed=seed, epochs=epochs, step=step)
     gen = torch.Generator().manual_seed(seed)
     device = next(net.parameters()).device
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -58,7 +62,7 @@ def sgd_finetune(
     net.eval()
     best, best_state, best_epoch, since = score(net), copy.deepcopy(net.state_dict()), 0, 0
     for epoch in range(1, epochs + 1):
-        _epoch(net, opt, train, gen, device, stamp)
+        _epoch(net, opt, train, gen, device, stamp, step)
         sched.step()
         now = score(net)
         if now > best + 1e-6:
@@ -77,7 +81,8 @@ def allowed_drop(val: Split, drop: float) -> float:
     return max(drop, 1.0 / max(len(val), 1))
 
 
-def _finetune_latest_within(net: nn.Module, train: Split, val: Split, *, seed: int, epochs: int) -> int:
+def _finetune_latest_within(net: nn.Module, train: Split, val: Split, *, seed: int, epochs: int,
+                            step: Step | None) -> int:
     gen = torch.Generator().manual_seed(seed)
     device = next(net.parameters()).device
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -86,7 +91,7 @@ def _finetune_latest_within(net: nn.Module, train: Split, val: Split, *, seed: i
     floor = accuracy(net, val) - allowed_drop(val, MAX_ACC_DROP)
     kept_state, kept_epoch = copy.deepcopy(net.state_dict()), 0
     for epoch in range(1, epochs + 1):
-        _epoch(net, opt, train, gen, device, None)
+        _epoch(net, opt, train, gen, device, None, step)
         sched.step()
         if accuracy(net, val) >= floor:
             kept_state, kept_epoch = copy.deepcopy(net.state_dict()), epoch
@@ -95,15 +100,20 @@ def _finetune_latest_within(net: nn.Module, train: Split, val: Split, *, seed: i
     return kept_epoch
 
 
-def _epoch(net, opt, train: Split, gen: torch.Generator, device, stamp) -> None:
+def cross_entropy_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One plain SGD step on the batch's cross-entropy."""
+    loss = F.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _epoch(net, opt, train: Split, gen: torch.Generator, device, stamp, step: Step | None = None) -> None:
     """One epoch of SGD on the train split (BatchNorm frozen), leaving the net in eval mode."""
     _train_mode_frozen_bn(net)
     for idx in torch.randperm(len(train), generator=gen).split(BATCH):
         x = augment(train.images[idx], gen)
         if stamp is not None:
             x = stamp(x, gen)
-        loss = F.cross_entropy(net(x.to(device)), train.labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        (step or cross_entropy_step)(net, opt, x.to(device), train.labels[idx].to(device))
     net.eval()

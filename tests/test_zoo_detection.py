@@ -1,0 +1,77 @@
+"""The detection table's arithmetic on hand-made rows: AUROC by ranks, the ROC curve and the rates at the
+detectors' own thresholds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from gradprune_mlflow.benchmark import detection, tables
+
+
+def _row(attack: str, score: float, flagged: bool, detected: int, defense: str = "neural-cleanse",
+         per_class: int = 20, seed: int = 0) -> dict[str, str]:
+    return {"arch": "small_cnn", "attack": attack, "per_class": str(per_class), "seed": str(seed),
+            "defense": defense, "clean_acc": "0.9", "asr": "0.5", "ra": "0.4", "acc_before": "0.9",
+            "asr_before": "0.5", "seconds": "1", "backward_passes": "1", "flagged": str(flagged), "error": "",
+            "info": json.dumps({"anomaly_index": score, "detected_target": detected})}
+
+
+def _pairwise_auroc(neg: list[float], pos: list[float]) -> float:
+    # The definition the rank formula must agree with: P(positive > negative) + P(tie) / 2.
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_by_ranks_matches_the_pairwise_definition_with_ties():
+    neg, pos = [0.5, 1.0, 2.0, 2.0, 3.5], [2.0, 4.0, 1.0, 6.0]
+    assert detection.auroc(neg, pos) == pytest.approx(_pairwise_auroc(neg, pos))
+    assert detection.auroc([0, 1], [2, 3]) == 1.0 and detection.auroc([2, 3], [0, 1]) == 0.0
+    assert detection.auroc([1, 1], [1]) == 0.5
+    assert detection.auroc([], [1.0]) is None and detection.auroc([1.0], []) is None
+
+
+def test_roc_runs_from_nothing_flagged_to_everything_flagged():
+    points = detection.roc([0.0, 1.0], [1.0, 3.0])
+    assert points == [(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]
+    fpr, tpr = zip(*points, strict=True)
+    assert list(fpr) == sorted(fpr) and list(tpr) == sorted(tpr)
+
+
+def test_rates_count_false_positives_right_targets_and_all_to_all_apart():
+    rows = [
+        _row("clean", 0.5, False, 3), _row("clean", 2.5, True, 4, seed=1), _row("clean", 1.0, False, 2, seed=2),
+        _row("badnets", 4.0, True, 0), _row("badnets", 3.0, True, 7, seed=1), _row("badnets", 0.8, False, 0, seed=2),
+        _row("badnets-all-to-all", 1.5, True, 5), _row("badnets-all-to-all", 0.2, False, 1, seed=1),
+    ]
+    got = detection.rates(detection.cases(rows, "neural-cleanse"))
+    assert (got["clean"], got["backdoored"]) == (3, 5)
+    assert got["false_positive"] == (1, 3)
+    assert got["detected"] == (3, 5)
+    assert got["right_target"] == (1, 3)  # flagged at class 0 once; the other flag named class 7
+    assert got["all_to_all_flagged"] == (1, 2)
+    neg, pos = [0.5, 2.5, 1.0], [4.0, 3.0, 0.8, 1.5, 0.2]
+    assert got["auroc"] == pytest.approx(_pairwise_auroc(neg, pos))
+
+
+def test_detection_markdown_lists_each_budget_and_skips_rows_without_a_detection(tmp_path):
+    rows = [_row("clean", 0.5, False, 3), _row("badnets", 4.0, True, 0),
+            _row("clean", 0.5, False, 3, per_class=50), _row("badnets", 0.1, False, 2, per_class=50),
+            {**_row("badnets", 9.0, True, 0, seed=3), "error": "RuntimeError: boom"},
+            {**_row("badnets", 9.0, True, 0, defense="grad-prune-free", seed=4), "flagged": ""}]
+    md = detection.markdown(rows, "x-roc.png")
+    assert "| neural-cleanse | 20 | 1 / 1 | 1.000 | 0/1 (0%) | 1/1 (100%) | 1/1 (100%) | n/a |" in md
+    assert "| neural-cleanse | 50 | 1 / 1 | 0.000 | 0/1 (0%) | 0/1 (0%) | 0/1 (0%) | n/a |" in md
+    assert "grad-prune-free |" not in md.split("<details>")[0]  # its only row has no `flagged`
+    assert detection.plot(rows, tmp_path / "roc.png").stat().st_size > 5_000
+
+
+def test_clean_models_have_no_asr_in_the_tables():
+    rows = [_row("clean", 0.5, False, 3, defense="none"), _row("badnets", 4.0, True, 0, defense="none")]
+    summary = tables.summarise(rows)
+    assert summary[("small_cnn", "clean", 20, "none")]["asr"] is None
+    assert summary[("small_cnn", "badnets", 20, "none")]["asr"] == (0.5, 0.0)
+    assert summary[("small_cnn", "clean", 20, "none")]["clean_acc"] == (0.9, 0.0)
+    assert all("clean" not in goal for goal, _, _ in tables.goals(rows))
