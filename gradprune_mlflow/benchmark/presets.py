@@ -54,8 +54,8 @@ CLEAN = "clean"  # the attack name of the lab's clean models
 ATTACKS = ("badnets", "blend", "signal")
 # One attack of each family the lab has (docs/attacks.md), clean models first; the GPU zoo runs every lab attack.
 ZOO_QUICK_ATTACKS = (CLEAN, "badnets", "blend", "signal", "wanet", "lowfreq", "badnets-all-to-all")
-ZOO_QUICK_DEFENSES = ("none", "fine-tuning", "ft-sam", "fine-pruning", "neural-cleanse", "grad-prune-fast",
-                      "grad-prune-free")
+# The two detectors (the detection table), the two fine-tunings, and Grad-Prune with the known trigger.
+ZOO_QUICK_DEFENSES = ("none", "fine-tuning", "ft-sam", "neural-cleanse", "grad-prune-fast", "grad-prune-free")
 PRESETS = {
     "cpu": Preset("cpu", ("small_cnn", "tiny_resnet"), ATTACKS, (10, 50, 100), (0, 1, 2), test_seeds=(5, 6, 7)),
     "gpu": Preset("gpu", ("preact_resnet18",), ATTACKS, (10, 50, 100), (0, 1, 2), test_seeds=(5, 6, 7), image="rgb32",
