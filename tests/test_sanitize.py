@@ -105,6 +105,7 @@ def test_report_follows_schema_1(known):
     assert isinstance(report["seconds"], float) and report["seconds"] > 0
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "known"
     assert report["detection"] is None, "known-trigger mode detects nothing"
+    assert report["unlearning_plan"] == [{"trigger": "patch", "share": 1.0}]
     assert report["evaluated_on"] == "test" and report["evaluated_images"] == 2000
     timings = report["timings"]
     assert set(timings) == {"pruning", "fine_tuning", "measuring"}, "no synthesis or recheck with a known trigger"
@@ -252,6 +253,12 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         assert all(r["family"] in ("patch", "blend") for r in rechecks)
         # both families over every class first, then both families over the flagged class per recheck
         assert report["synthesis_steps"] == 10 * 1 * 2 * (1 + len(rechecks))
+        # the probe's square, then each repeated recheck's triggers, each an equal share of the unlearning images
+        plan = {p["trigger"]: p["share"] for p in report["unlearning_plan"]}
+        repeats = sum(r["repeated"] for r in rechecks)
+        assert sum(plan.values()) == pytest.approx(1.0, abs=1e-3)
+        assert plan[result.triggers[0].source] == pytest.approx(1 / (2 + repeats), abs=1e-3)
+        assert {"synthesis", "pruning", "fine_tuning", "rechecks", "measuring"} <= set(report["timings"])
         # the flagged class's synthesized triggers of both families are returned, the flagging family's first
         # (after the patch probe's square, which is what flagged the class and what ASR is measured with)
         sources = [t.source for t in result.triggers]

@@ -9,8 +9,8 @@ import torch
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.synthesis import FamilyResult
 from gradprune_mlflow.defense.triggerfree import unlearning_mix
-from gradprune_mlflow.defense.triggers import MaskTrigger
-from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix
+from gradprune_mlflow.defense.triggers import MaskTrigger, PatchTrigger
+from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, unlearning_plan
 
 
 def region(h: int = 8, w: int = 8) -> torch.Tensor:
@@ -92,3 +92,15 @@ def test_without_noise_the_blend_family_unlearns_only_its_synthesized_triggers()
         return [t.kind for t in unlearning_mix([blend], 0, SanitizeConfig(), gen, noise=noise).triggers]
 
     assert "noise-blend" in kinds(True) and "noise-blend" not in kinds(False)
+
+
+def test_unlearning_plan_multiplies_the_shares_of_nested_mixes_and_adds_up_parts_of_one_name():
+    gen = torch.Generator().manual_seed(0)
+    mask, pattern = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    probe = MaskTrigger(0, mask, pattern, source="probe-white")
+    found = [MaskTrigger(0, mask * s, pattern, source="synthesized-patch") for s in (0.5, 1.0)]
+    mix = TriggerMix([probe, TriggerMix([*found, NoiseBlend(0, gen)], gen)], gen)
+    assert unlearning_plan(mix) == [{"trigger": "probe-white", "share": 0.5},
+                                    {"trigger": "synthesized-patch", "share": 0.3333},
+                                    {"trigger": "noise-blend", "share": 0.1667}]
+    assert unlearning_plan(PatchTrigger(0)) == [{"trigger": "patch", "share": 1.0}]

@@ -24,7 +24,7 @@ from gradprune_mlflow.defense.result import SCHEMA, SanitizeResult
 from gradprune_mlflow.defense.synthesis import FAMILIES
 from gradprune_mlflow.defense.triggerfree import recheck, synthesized_families, unlearning_mix, with_fixed_blend
 from gradprune_mlflow.defense.triggers import Trigger, check_trigger_fits
-from gradprune_mlflow.defense.unlearning import TriggerMix, triggered_copy
+from gradprune_mlflow.defense.unlearning import TriggerMix, triggered_copy, unlearning_plan
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
 
 
@@ -128,8 +128,8 @@ def run_sanitize(
                 finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
             if detection is not None:
                 with timings("rechecks"):
-                    rechecks, finetune_out = recheck(net, masks, train, val, unlearn, families, detection, cfg, gen,
-                                                     progress, teacher, finetune_out, noise)
+                    rechecks, finetune_out, unlearn = recheck(net, masks, train, val, unlearn, families, detection,
+                                                              cfg, gen, progress, teacher, finetune_out, noise)
         masks.apply()
     progress.close()
 
@@ -155,6 +155,8 @@ def run_sanitize(
         "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
         "detection": {**detection.to_report(), "rechecks": rechecks, "noise_response": round(response, 4)}
         if detection else None,
+        # what the unlearning images carried, and in what share (the last mix, after any recheck added to it)
+        "unlearning_plan": unlearning_plan(unlearn) if not skipped else [],
         "before": before,
         "after": after,
         "sanitized": not skipped,

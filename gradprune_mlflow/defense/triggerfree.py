@@ -55,9 +55,11 @@ def unlearning_trigger(result: FamilyResult, target: int, generator: torch.Gener
         parts.append(trig)
         if result.family == "patch":
             for window in compact_windows(trig.mask):
-                parts += [RandomFill(target, window, generator), MaskTrigger(target, window, trig.pattern)]
+                parts += [RandomFill(target, window, generator),
+                          MaskTrigger(target, window, trig.pattern, source="compact-window")]
         else:
-            parts += [MaskTrigger(target, trig.mask * s, trig.pattern, source=trig.source) for s in (0.5, 1.5)]
+            parts += [MaskTrigger(target, trig.mask * s, trig.pattern, source=f"{trig.source}-rescaled")
+                      for s in (0.5, 1.5)]
             if noise:
                 parts.append(NoiseBlend(target, generator))
     return TriggerMix(parts, generator)
@@ -97,8 +99,8 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
     patch is rarely the attacker's). So after fine-tuning, the flagged class alone (cheap: one class's rows) is searched
     again in every family; each new size gets an anomaly index against the other classes' sizes of its family from
     the first search. While one is above the threshold, the new triggers join the unlearning mix and fine-tuning runs
-    again. Returns (rechecks, the last fine-tuning outcome); each recheck is {"round", "size", "anomaly_index",
-    "repeated"} for the family with the largest index (and "family").
+    again. Returns (rechecks, the last fine-tuning outcome, the last unlearning mix); each recheck is {"round", "size",
+    "anomaly_index", "repeated"} for the family with the largest index (and "family").
     """
     rechecks = []
     target = detection.target
@@ -122,7 +124,7 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
         unlearn = TriggerMix(unlearn.triggers + [unlearning_trigger(again, target, gen, noise)], gen)
         finetune_out = finetune(net, masks, train, unlearn, val, triggered_copy(val, unlearn), cfg, progress, gen,
                                 teacher)
-    return rechecks, finetune_out
+    return rechecks, finetune_out, unlearn
 
 
 def with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: torch.Generator, progress: Progress,

@@ -109,3 +109,24 @@ class TriggerMix(Trigger):
 def triggered_copy(data: Split, trigger: Trigger) -> Split:
     """Triggered copies of every image in `data`, with their TRUE labels (the unlearning set)."""
     return Split(trigger.apply(data.images), data.labels.clone())
+
+
+def unlearning_plan(trigger: Trigger) -> list[dict[str, object]]:
+    """What the unlearning images carry, and in what share: [{"trigger": name, "share": fraction}], largest first.
+
+    A TriggerMix gives each of its parts an equal share of its own images, so nested mixes multiply; parts of the same
+    name (a synthesized trigger at three strengths, say) are added up. Names are a MaskTrigger's source, else the kind.
+    """
+    shares: dict[str, float] = {}
+
+    def walk(trig: Trigger, share: float) -> None:
+        if isinstance(trig, TriggerMix):
+            for part in trig.triggers:
+                walk(part, share / len(trig.triggers))
+        else:
+            name = getattr(trig, "source", None) or trig.kind
+            shares[name] = shares.get(name, 0.0) + share
+
+    walk(trigger, 1.0)
+    return [{"trigger": name, "share": round(share, 4)}
+            for name, share in sorted(shares.items(), key=lambda kv: -kv[1])]
