@@ -2,20 +2,21 @@
 
 Each step takes the gradient g of the clean loss, moves the weights to the worst point nearby, w + e, takes the
 gradient there and applies it from the original weights w. The perturbation is ASAM's adaptive one (Kwon et al.
-2021), the one the authors' code uses: e = rho * |w|^2 g / || |w| g ||, elementwise, so each weight moves in
-proportion to its own size. The paper's own per-neuron scaling is this idea at the granularity of neurons; the large
-radius (rho 2, against SAM's usual 0.05) is what makes the minimizer pull down the norms of the neurons the backdoor
-lives in, which the clean loss alone leaves alone. Smoothed cross-entropy (0.1), as in the authors' code.
+2021), the default of the reference implementations: e = rho * |w|^2 g / || |w| g ||, elementwise, so each weight
+moves in proportion to its own size (the paper scales per neuron; this is the same idea per weight). The paper's
+argument for the large radius (rho 2, against SAM's usual 0.05): it makes the minimizer shrink the norms of the
+neurons the backdoor lives in, which the clean loss alone leaves alone. Smoothed cross-entropy (0.1), as in the
+reference implementations.
 
 Everything else is the fine-tuning baseline's (baselines.training): SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 its epochs with a cosine schedule, BatchNorm frozen, the same shifts and flips, and the last epoch whose accuracy on
-the trusted validation split stays within its budget is kept. The paper fine-tunes far longer on 5% of CIFAR-10;
-the epoch budget here matches the fine-tuning baseline's, so the two differ only in the minimizer.
+the trusted validation split stays within its budget is kept. The reference implementations fine-tune for up to 100
+epochs; the epoch budget here is the fine-tuning baseline's, so that the two differ only in the minimizer.
 
 Deviation, like ANP's back-off here: when no epoch at the paper's rho stays within the validation budget (a small
 network with a few hundred images and 20 epochs does not win back what rho 2 costs it), the run is repeated from the
-original weights at half the radius, at most BACKOFF times; the backward passes of every try are counted. `rho` in
-the row's info is the radius kept.
+original weights at half the radius, at most BACKOFF times, each try with the same epoch budget; the backward
+passes of every try are counted. `rho` in the row's info is the radius kept (0 when no try stayed within budget).
 """
 
 from __future__ import annotations
