@@ -119,3 +119,21 @@ def test_dev_then_test_runs_label_their_tables_and_keep_seeds_apart(tmp_path, ca
     capsys.readouterr()
     assert compare.main(common + ["--split", "test", "--test-images", "100"]) == 2
     assert "test_images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_zoo_preset_runs_clean_models_and_writes_the_detection_table(tmp_path):
+    # The zoo's code path, smoke-sized: a clean and a backdoored model, one detector with a short search.
+    argv = ["--preset", "zoo-cpu-quick", "--attacks", "clean", "badnets", "--defenses", "none", "neural-cleanse",
+            "--option", "neural-cleanse.steps=5", "--train-images", "600", "--train-epochs", "1", "--test-images",
+            "200", "--out", str(tmp_path), "--cache", str(tmp_path / "c")]
+    assert _compare().main(argv) == 0
+    rows = runner.read_rows(tmp_path / "compare-zoo-cpu-quick.csv")
+    assert {(r["attack"], r["defense"]) for r in rows if not r["error"]} == {
+        (a, d) for a in ("clean", "badnets") for d in ("none", "neural-cleanse")}
+    assert all('"asr_trigger"' in r["info"] for r in rows if r["attack"] == "clean")
+    md = (tmp_path / "compare-zoo-cpu-quick.md").read_text()
+    assert "| neural-cleanse | 20 | 1 / 1 |" in md
+    clean_table = md.split("### small_cnn, clean, 20 clean images per class")[1].split("###")[0]
+    assert "| none |" in clean_table and "| n/a | n/a |" in clean_table  # no ASR, no RA for a clean model
+    assert (tmp_path / "compare-zoo-cpu-quick-roc.png").stat().st_size > 5_000
