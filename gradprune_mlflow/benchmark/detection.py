@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 from gradprune_mlflow.benchmark.presets import CLEAN
+from gradprune_mlflow.defense.metrics import is_all_to_all
 
 # Trigger-free defenses that report a detection, and the info key of their score.
 SCORES = {"neural-cleanse": "anomaly_index", "grad-prune-free": "anomaly_index", "unlearn-ft-free": "anomaly_index",
@@ -49,7 +50,7 @@ def attack_target(attack: str) -> int | str | None:
     from gradprune_mlflow import lab  # only for rows with attacks: the tables stay importable without data
 
     trigger = lab.attack_trigger(attack)
-    return ALL_TO_ALL if getattr(trigger, "mode", None) == ALL_TO_ALL else int(trigger.target)
+    return ALL_TO_ALL if is_all_to_all(trigger) else int(trigger.target)
 
 
 def _float(value) -> float | None:
@@ -164,10 +165,10 @@ def plot(rows: list[dict[str, str]], path: Path) -> Path | None:
     curves = {}
     for d in SCORES:
         group = [c for c in cases(rows, d) if c.score is not None]
-        points = roc([c.score for c in group if not c.positive], [c.score for c in group if c.positive])
+        neg, pos = [c.score for c in group if not c.positive], [c.score for c in group if c.positive]
+        points = roc(neg, pos)
         if points:
-            curves[d] = (points, auroc([c.score for c in group if not c.positive],
-                                       [c.score for c in group if c.positive]))
+            curves[d] = (points, auroc(neg, pos))
     if not curves:
         return None
     import matplotlib
