@@ -133,7 +133,7 @@ def test_zoo_preset_runs_clean_models_and_writes_the_detection_table(tmp_path):
         (a, d) for a in ("clean", "badnets") for d in ("none", "neural-cleanse")}
     assert all('"asr_trigger"' in r["info"] for r in rows if r["attack"] == "clean")
     md = (tmp_path / "compare-zoo-cpu-quick.md").read_text()
-    assert "| neural-cleanse | 20 | 1 / 1 |" in md
-    clean_table = md.split("### small_cnn, clean, 20 clean images per class")[1].split("###")[0]
+    assert "| neural-cleanse | 50 | 1 / 1 |" in md
+    clean_table = md.split("### small_cnn, clean, 50 clean images per class")[1].split("###")[0]
     assert "| none |" in clean_table and "| n/a | n/a |" in clean_table  # no ASR, no RA for a clean model
     assert (tmp_path / "compare-zoo-cpu-quick-roc.png").stat().st_size > 5_000

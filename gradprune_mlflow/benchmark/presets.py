@@ -64,7 +64,7 @@ PRESETS = {
     "smoke": Preset("smoke", ("small_cnn",), ("badnets",), (20,), (0,), test_seeds=(1,), n_train=6000, epochs=2,
                     test_images=1000, options={"anp": {"iterations": 50}}),
     # Planned for about an hour on 2 CPU cores (docs/development.md, "Benchmark zoo"): small models, few epochs.
-    "zoo-cpu-quick": Preset("zoo-cpu-quick", ("small_cnn",), ZOO_QUICK_ATTACKS, (20,), (0,), test_seeds=(100,),
+    "zoo-cpu-quick": Preset("zoo-cpu-quick", ("small_cnn",), ZOO_QUICK_ATTACKS, (50,), (0,), test_seeds=(100, 101),
                             n_train=6000, epochs=2, test_images=1000, defenses=ZOO_QUICK_DEFENSES),
     "zoo-gpu": Preset("zoo-gpu", ("resnet18", "mobilenet_v3_small", "vgg11_bn"), (CLEAN, *lab_attacks()),
                       (10, 50, 100, 250), (0, 1, 2), test_seeds=(100, 101, 102, 103, 104), image="color32",
