@@ -22,18 +22,31 @@ from gradprune_mlflow.benchmark.baselines.training import allowed_drop
 from gradprune_mlflow.benchmark.counting import BackwardCounter
 from gradprune_mlflow.benchmark.presets import parse_options
 from gradprune_mlflow.benchmark.registry import Defended, Defense, defense_names, get_defense, run_defense
+from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.defense.metrics import accuracy, evaluate
 from gradprune_mlflow.defense.normalize import Normalized
 
 BENCHMARK_DEFENSES = ["none", "fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
-                  "grad-prune-fast", "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known",
-                  "prune-only-free"]
+                      "grad-prune-fast", "grad-prune-free", "grad-prune-detect", "unlearn-ft-known", "unlearn-ft-free",
+                      "prune-only-known", "prune-only-free"]
 
 
 def test_every_benchmark_defense_is_registered_in_table_order():
     assert defense_names() == BENCHMARK_DEFENSES
     known = {n for n in BENCHMARK_DEFENSES if get_defense(n).uses_trigger}
     assert known == {"grad-prune-paper", "grad-prune-fast", "unlearn-ft-known", "prune-only-known"}
+
+
+@pytest.mark.slow
+def test_grad_prune_detect_returns_an_unflagged_model_as_given(clean_cnn, clean_set):
+    # the product default on_clean=skip: a clean model nothing is flagged in is left alone, accuracy and all
+    # the draw and settings of test_sanitize's clean-model run, which no probe flags
+    idx = torch.cat([torch.nonzero(clean_set.labels == c).flatten()[:30] for c in range(clean_set.meta.num_classes)])
+    small = CleanSet(clean_set.meta, clean_set.images[idx], clean_set.labels[idx], source="subset")
+    out = get_defense("grad-prune-detect").fn(clean_cnn, small, None, 5, device="cpu", synth_steps=10,
+                                              synth_restarts=1, finetune_epochs=2)
+    assert out.info["flagged"] is False and out.info["pruned"] == 0
+    assert out.model is clean_cnn
 
 
 def test_unknown_defense_lists_the_valid_ones():

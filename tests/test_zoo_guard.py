@@ -29,7 +29,9 @@ def test_every_preset_keeps_its_test_seeds_apart_and_names_known_attacks():
     assert get_preset("smoke").seeds("test") == (1,)
     zoo = get_preset("zoo-gpu")
     assert set(zoo.attacks) == {CLEAN, *lab.ATTACKS} and zoo.image == "color32"
-    assert set(zoo.archs) == {"resnet18", "mobilenet_v3_small", "vgg11_bn"}
+    assert set(zoo.archs) == {"resnet18", "mobilenet_v3_small", "vgg11_bn", "efficientnet_b0"}
+    clean = get_preset("zoo-clean-cpu")  # the false-positive rate is measured on at least 20 held-out clean models
+    assert clean.attacks == (CLEAN,) and len(clean.archs) * len(clean.seeds("test")) >= 20
     with pytest.raises(ValueError, match="unknown split"):
         zoo.seeds("train")
     with pytest.raises(ValueError, match="unknown attack 'nope'"):

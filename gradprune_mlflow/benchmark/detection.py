@@ -19,8 +19,8 @@ from gradprune_mlflow.benchmark.presets import CLEAN
 from gradprune_mlflow.defense.metrics import is_all_to_all
 
 # Trigger-free defenses that report a detection, and the info key of their score.
-SCORES = {"neural-cleanse": "anomaly_index", "grad-prune-free": "anomaly_index", "unlearn-ft-free": "anomaly_index",
-          "prune-only-free": "anomaly_index"}
+SCORES = {"neural-cleanse": "anomaly_index", "grad-prune-free": "anomaly_index", "grad-prune-detect": "anomaly_index",
+          "unlearn-ft-free": "anomaly_index", "prune-only-free": "anomaly_index"}
 ALL_TO_ALL = "all-to-all"
 
 

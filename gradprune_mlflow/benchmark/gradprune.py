@@ -2,7 +2,8 @@
 
 Every variant goes through the same front door as the CLI and the flows. Trigger-free runs use
 `on_clean="sanitize"`: the benchmark measures what unlearning achieves when the detector misses, and the `flagged`
-column says when it did (the product default `skip` would leave such a model untouched).
+column says when it did. `grad-prune-detect` runs the product default (`skip`): a model nothing was flagged in comes
+back as given, which is what a registry's clean models see.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ VARIANTS = {
     "grad-prune-paper": (True, {"mode": "paper"}, "Grad-Prune, the authors' loop, known trigger"),
     "grad-prune-fast": (True, {"mode": "fast"}, "Grad-Prune fast mode, known trigger"),
     "grad-prune-free": (False, {"mode": "fast"}, "Grad-Prune fast mode, trigger-free (synthesized triggers)"),
+    "grad-prune-detect": (False, {"mode": "fast", "on_clean": "skip"},
+                          "Grad-Prune trigger-free as the product runs it: unflagged models are left as given"),
     "unlearn-ft-known": (True, {"stages": "finetune"}, "ablation: unlearning fine-tuning only, known trigger"),
     "unlearn-ft-free": (False, {"stages": "finetune"}, "ablation: unlearning fine-tuning only, synthesized trigger"),
     "prune-only-known": (True, {"stages": "prune"}, "ablation: gradient pruning only, known trigger"),
@@ -27,10 +30,11 @@ VARIANTS = {
 
 
 def _variant(overrides: dict):
-    def run(model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int) -> Defended:
-        result = sanitize(model, clean, trigger, seed=seed, on_clean="sanitize", **overrides)
+    def run(model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int, **options) -> Defended:
+        result = sanitize(model, clean, trigger, seed=seed, **{"on_clean": "sanitize", **overrides, **options})
         rep, det = result.report, result.report["detection"] or {}
-        return Defended(result.model, {
+        # on_clean="skip" and nothing flagged: no sanitized model, the registry keeps the one given
+        return Defended(result.model if result.model is not None else model, {
             "pruned": rep["pruned_filters"], "finetune_epochs": rep["finetune_epochs"],
             # report.json's gradient_passes: passes of the unlearning loss over the scoring set while pruning
             "scoring_passes": rep["gradient_passes"],

@@ -66,7 +66,16 @@ PRESETS = {
     # Planned for about an hour on 2 CPU cores (docs/development.md, "Benchmark zoo"): small models, few epochs.
     "zoo-cpu-quick": Preset("zoo-cpu-quick", ("small_cnn",), ZOO_QUICK_ATTACKS, (50,), (0,), test_seeds=(100, 101),
                             n_train=6000, epochs=2, test_images=1000, defenses=ZOO_QUICK_DEFENSES),
-    "zoo-gpu": Preset("zoo-gpu", ("resnet18", "mobilenet_v3_small", "vgg11_bn"), (CLEAN, *lab_attacks()),
+    # Clean models only, many seeds: the detectors' false-positive rate, with the product's default on_clean=skip.
+    "zoo-clean-cpu": Preset("zoo-clean-cpu", ("small_cnn", "small_cnn_nobn"), (CLEAN,), (50,), (0, 1, 2),
+                            test_seeds=tuple(range(100, 110)), n_train=6000, epochs=2, test_images=1000,
+                            defenses=("none", "neural-cleanse", "grad-prune-detect")),
+    # Every lab attack on the two small CNNs (with and without BatchNorm), for a longer CPU run.
+    "zoo-cpu": Preset("zoo-cpu", ("small_cnn", "small_cnn_nobn"), (CLEAN, *lab_attacks()), (10, 50), (0, 1),
+                      test_seeds=(100, 101, 102), n_train=6000, epochs=2, test_images=1000,
+                      defenses=(*ZOO_QUICK_DEFENSES, "fine-pruning", "anp", "grad-prune-detect")),
+    "zoo-gpu": Preset("zoo-gpu", ("resnet18", "mobilenet_v3_small", "vgg11_bn", "efficientnet_b0"),
+                      (CLEAN, *lab_attacks()),
                       (10, 50, 100, 250), (0, 1, 2), test_seeds=(100, 101, 102, 103, 104), image="color32",
                       epochs=15),
 }

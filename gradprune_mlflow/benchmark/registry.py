@@ -63,8 +63,8 @@ def get_defense(name: str) -> Defense:
 
 # The order of the table: the baselines as practitioners know them, then Grad-Prune, then its ablations.
 TABLE_ORDER = ("none", "fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
-               "grad-prune-fast", "grad-prune-free", "unlearn-ft-known", "unlearn-ft-free", "prune-only-known",
-               "prune-only-free")
+               "grad-prune-fast", "grad-prune-free", "grad-prune-detect", "unlearn-ft-known", "unlearn-ft-free",
+               "prune-only-known", "prune-only-free")
 
 
 def defense_names() -> list[str]:

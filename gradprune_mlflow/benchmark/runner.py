@@ -25,6 +25,7 @@ from gradprune_mlflow.benchmark.presets import CLEAN, Preset
 from gradprune_mlflow.benchmark.registry import Defense, get_defense, run_defense
 from gradprune_mlflow.defense.metrics import evaluate
 from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.lab.attacks import known_attack
 
 FIELDS = ["arch", "attack", "per_class", "seed", "defense", "uses_trigger", "clean_acc", "asr", "ra", "acc_before",
           "asr_before", "seconds", "backward_passes", "flagged", "pruned", "device", "error", "info"]
@@ -52,10 +53,8 @@ def jobs(preset: Preset, defenses: list[str], split: str = "dev") -> list[Job]:
 
 def check_attacks(attacks: tuple[str, ...]) -> None:
     """Unknown attack names fail before any training, listing the valid ones."""
-    valid = (CLEAN, *lab.ATTACKS)
     for name in attacks:
-        if name not in valid:
-            raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(valid)}")
+        known_attack(name, also=(CLEAN,))
 
 
 def model_for(job_attack: str, arch: str, preset: Preset, seed: int, cache_dir: Path, dev: torch.device):

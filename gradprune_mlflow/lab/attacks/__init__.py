@@ -61,21 +61,23 @@ POISONING: dict[str, Poisoning] = {
 }
 
 
-def _known(name: str) -> str:
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
+def known_attack(name: str, also: tuple[str, ...] = ()) -> str:
+    """`name` if it is an attack (or one of `also`); otherwise ValueError listing the valid names."""
+    if name not in ATTACKS and name not in also:
+        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join((*also, *ATTACKS))}")
     return name
+
 
 
 def attack_trigger(name: str) -> Trigger:
     """The trigger of a named attack; unknown names list the valid ones."""
-    return ATTACKS[_known(name)]()
+    return ATTACKS[known_attack(name)]()
 
 
 def poisoning(name: str) -> Poisoning:
     """How the named attack is poisoned into the training set."""
-    return POISONING.get(_known(name), Poisoning())
+    return POISONING.get(known_attack(name), Poisoning())
 
 
 __all__ = ["ATTACKS", "POISONING", "AllToAllTrigger", "LowFrequencyTrigger", "Poisoning", "SampleSpecificTrigger",
-           "SmoothImageTrigger", "StampTrigger", "WarpTrigger", "attack_trigger", "poisoning"]
+           "SmoothImageTrigger", "known_attack", "StampTrigger", "WarpTrigger", "attack_trigger", "poisoning"]
