@@ -177,6 +177,17 @@ def test_anp_pruning_zeroes_exactly_the_lowest_masks(badnets_cnn):
     assert sum(int(m.weight.eq(0).sum()) for m in bns.values()) == 5
 
 
+def test_anp_with_batch_statistics_leaves_the_model_s_running_statistics_alone(badnets_cnn, clean_set):
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    train = anp.optimise_masks(net, clean_set.images, clean_set.labels, 0, iterations=3, bn="train")
+    frozen = anp.optimise_masks(net, clean_set.images, clean_set.labels, 0, iterations=3, bn="eval")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items()) and not net.training
+    assert train.keys() == frozen.keys() and any(not torch.equal(train[k], frozen[k]) for k in train)
+    with pytest.raises(ValueError, match="anp.bn"):
+        anp.optimise_masks(net, clean_set.images, clean_set.labels, 0, iterations=1, bn="batch")
+
+
 def test_anp_refuses_a_model_without_batchnorm(clean_set):
     from gradprune_mlflow.models.zoo import create_model
 

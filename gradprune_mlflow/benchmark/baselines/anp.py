@@ -6,10 +6,12 @@ random start), then moves m to keep the loss low both with the perturbation and 
 clean loss). Backdoor neurons are the ones the model is most sensitive to, so their masks fall. Channels whose mask
 ends below the threshold have their BatchNorm weight set to zero, as the authors' pruning does (the bias stays).
 
-Deviations: BatchNorm layers stay in eval mode (the authors' code re-estimates statistics from batches; with a few
-hundred trusted images that drifts them, and every other defense here keeps them frozen); and if pruning at the
-published threshold costs more than MAX_ACC_DROP on the trusted validation split, fewer channels (the lowest masks
-first) are pruned, chosen on that split.
+Deviations: by default BatchNorm layers normalise with their running statistics while the masks are optimised
+(`bn="eval"`; every other defense here keeps them frozen), where the authors' code runs the model in training mode,
+normalising each batch with its own statistics (`bn="train"`: done on a copy, so the drift of the running statistics
+is thrown away, as the authors' pruning step reloads the checkpoint). And if pruning at the published threshold costs
+more than MAX_ACC_DROP on the trusted validation split, fewer channels (the lowest masks first) are pruned, chosen on
+that split.
 """
 
 from __future__ import annotations
@@ -55,9 +57,15 @@ class PerturbedBN:
 
 
 def optimise_masks(
-    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int, iterations: int = ITERATIONS
+    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int, iterations: int = ITERATIONS,
+    bn: str = "eval",
 ) -> dict[str, torch.Tensor]:
-    """Run ANP's min-max optimisation on `net` (unchanged) and return the final mask of every BatchNorm by name."""
+    """Run ANP's min-max optimisation on `net` (unchanged; with bn="train" a copy normalises with batch statistics)
+    and return the final mask of every BatchNorm by name."""
+    if bn not in ("eval", "train"):
+        raise ValueError(f"anp.bn must be 'eval' or 'train', got {bn!r}")
+    if bn == "train":
+        net = copy.deepcopy(net).train()
     bns = {name: m for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
     if not bns:
         raise ValueError("ANP masks BatchNorm channels and this model has none")
@@ -68,7 +76,7 @@ def optimise_masks(
     mask_opt = torch.optim.SGD(masks, lr=MASK_LR, momentum=0.9)
     for p in net.parameters():
         p.requires_grad_(False)
-    net.eval()
+    net.train(bn == "train")
     try:
         for _ in range(iterations):
             idx = torch.randint(len(images), (min(BATCH, len(images)),), generator=gen)
@@ -113,14 +121,16 @@ def prune_lowest(net: nn.Module, masks: dict[str, torch.Tensor], count: int) -> 
 
 @register("anp", uses_trigger=False, summary="adversarial neuron pruning (eps 0.4, alpha 0.2, threshold 0.2)")
 def anp(
-    model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int, iterations: int = ITERATIONS
+    model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int, iterations: int = ITERATIONS,
+    bn: str = "eval",
 ) -> Defended:
-    """ANP; `iterations` (published: 2000) is the one setting a preset may lower to fit its hardware."""
+    """ANP; `iterations` (published: 2000) is the one setting a preset may lower to fit its hardware, `bn` chooses
+    the statistics BatchNorm normalises with during the optimisation (see the module's deviations)."""
     train, val = clean.split(0.1, seed)
     work = copy.deepcopy(model).float().eval()
     net = Normalized(work, clean.meta.mean, clean.meta.std).to(_device(work))
     torch.manual_seed(seed)
-    masks = optimise_masks(net, train.images, train.labels, seed, iterations)
+    masks = optimise_masks(net, train.images, train.labels, seed, iterations, bn)
     below = sum(int((m < THRESHOLD).sum()) for m in masks.values())
     base, original = accuracy(net, val), copy.deepcopy(work.state_dict())
     count = below
@@ -132,4 +142,4 @@ def anp(
         count = count * 3 // 4
     if count == 0:
         work.load_state_dict(original)
-    return Defended(work, {"pruned": count, "below_threshold": below, "iterations": iterations})
+    return Defended(work, {"pruned": count, "below_threshold": below, "iterations": iterations, "bn": bn})
