@@ -22,7 +22,7 @@ from gradprune_mlflow.defense.synthesis import (
     synthesize,
 )
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger
-from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, triggered_copy
+from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, extended, triggered_copy
 from gradprune_mlflow.errors import DataError
 
 
@@ -121,7 +121,7 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
         if not repeat:
             break
         # the new triggers of the family that is still anomalous join the mix, with an equal share
-        unlearn = TriggerMix(unlearn.triggers + [unlearning_trigger(again, target, gen, noise)], gen)
+        unlearn = extended(unlearn, unlearning_trigger(again, target, gen, noise), gen)
         finetune_out = finetune(net, masks, train, unlearn, val, triggered_copy(val, unlearn), cfg, progress, gen,
                                 teacher)
     return rechecks, finetune_out, unlearn

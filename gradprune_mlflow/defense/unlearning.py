@@ -84,17 +84,29 @@ class NoiseBlend(Trigger):
 
 
 class TriggerMix(Trigger):
-    """Each image gets one trigger of a list, drawn at random: unlearning with all candidates at once."""
+    """Each image gets one trigger of a list, drawn at random: unlearning with all candidates at once. Equal shares
+    unless `weights` (one per trigger, any positive scale) are given."""
 
     kind = "mix"
 
-    def __init__(self, triggers: list[Trigger], generator: torch.Generator):
+    def __init__(self, triggers: list[Trigger], generator: torch.Generator, weights: list[float] | None = None):
         super().__init__(triggers[0].target)
+        if weights is not None and (len(weights) != len(triggers) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"a TriggerMix needs one non-negative weight per trigger, got {weights}")
         self.triggers = triggers
         self.generator = generator
+        self.weights = None if weights is None else [w / sum(weights) for w in weights]
+
+    def shares(self) -> list[float]:
+        """Each trigger's expected share of the images."""
+        return self.weights or [1 / len(self.triggers)] * len(self.triggers)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        choice = torch.randint(len(self.triggers), (len(x),), generator=self.generator).to(x.device)
+        if self.weights is None:
+            choice = torch.randint(len(self.triggers), (len(x),), generator=self.generator)
+        else:
+            choice = torch.multinomial(torch.tensor(self.weights), len(x), replacement=True, generator=self.generator)
+        choice = choice.to(x.device)
         out = x.clone()
         for i, trig in enumerate(self.triggers):
             sel = choice == i
@@ -103,7 +115,18 @@ class TriggerMix(Trigger):
         return out
 
     def spec(self):
-        return {"kind": self.kind, "target": self.target, "parts": [t.spec() for t in self.triggers]}
+        spec = {"kind": self.kind, "target": self.target, "parts": [t.spec() for t in self.triggers]}
+        return spec if self.weights is None else {**spec, "weights": [round(w, 4) for w in self.weights]}
+
+
+def extended(mix: Trigger, part: Trigger, generator: torch.Generator) -> TriggerMix:
+    """`mix` with `part` as one more equal-share trigger. A weighted mix keeps its weights and extends its first part
+    (the synthesized triggers; the parts after it have shares of their own)."""
+    if isinstance(mix, TriggerMix) and mix.weights is not None:
+        return TriggerMix([extended(mix.triggers[0], part, generator), *mix.triggers[1:]], generator, mix.weights)
+    if isinstance(mix, TriggerMix):
+        return TriggerMix(mix.triggers + [part], generator)
+    return TriggerMix([mix, part], generator)
 
 
 def triggered_copy(data: Split, trigger: Trigger) -> Split:
@@ -114,15 +137,16 @@ def triggered_copy(data: Split, trigger: Trigger) -> Split:
 def unlearning_plan(trigger: Trigger) -> list[dict[str, object]]:
     """What the unlearning images carry, and in what share: [{"trigger": name, "share": fraction}], largest first.
 
-    A TriggerMix gives each of its parts an equal share of its own images, so nested mixes multiply; parts of the same
-    name (a synthesized trigger at three strengths, say) are added up. Names are a MaskTrigger's source, else the kind.
+    A TriggerMix gives each of its parts its share (equal unless weighted) of its own images, so nested mixes
+    multiply; parts of the same name (a synthesized trigger at three strengths, say) are added up. Names are a
+    MaskTrigger's source, else the kind.
     """
     shares: dict[str, float] = {}
 
     def walk(trig: Trigger, share: float) -> None:
         if isinstance(trig, TriggerMix):
-            for part in trig.triggers:
-                walk(part, share / len(trig.triggers))
+            for part, part_share in zip(trig.triggers, trig.shares(), strict=True):
+                walk(part, share * part_share)
         else:
             name = getattr(trig, "source", None) or trig.kind
             shares[name] = shares.get(name, 0.0) + share
