@@ -92,6 +92,10 @@ class SanitizeConfig:
     # fixed strength (gradprune_mlflow.defense.synthesis.fixed_strength_blend); its patterns are unlearned with the
     # rest. 0 turns it off.
     fixed_blend_steps: int = 300
+    # Trigger-free mode: after sanitizing, search the sanitized model for a backdoor again, independently of what was
+    # unlearned (every class and family, on the validation split, with the same thresholds; defense/verify.py). A
+    # search that flags a class fails the verification: the registry then withholds the alias `sanitized`.
+    verify: bool = True
 
     def resolved(self, name: str) -> Any:
         """The setting `name`, with None replaced by its mode's default (MODE_DEFAULTS)."""
@@ -122,6 +126,8 @@ class SanitizeConfig:
             raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.max_prune_fraction < 1.0:
             raise BadInput(f"max_prune_fraction must be in (0, 1), got {self.max_prune_fraction}")
+        if not isinstance(self.verify, bool):
+            raise BadInput(f"verify must be true or false, got {self.verify!r}")
         for name, low in (("prune_patience", 1), ("finetune_epochs", 1), ("finetune_patience", 1),
                           ("distill_weight", 0), ("unlearn_weight", 0), ("away_weight", 0)):
             value = getattr(self, name)

@@ -25,6 +25,7 @@ from gradprune_mlflow.defense.synthesis import FAMILIES
 from gradprune_mlflow.defense.triggerfree import recheck, synthesized_families, unlearning_mix, with_fixed_blend
 from gradprune_mlflow.defense.triggers import Trigger, check_trigger_fits
 from gradprune_mlflow.defense.unlearning import TriggerMix, triggered_copy, unlearning_plan
+from gradprune_mlflow.defense.verify import report_block, verify
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
 
 
@@ -117,7 +118,7 @@ def run_sanitize(
         unlearn = trigger
 
     skipped = detection is not None and not detection.flagged and cfg.on_clean == "skip"
-    prune_out = finetune_out = None
+    prune_out = finetune_out = found = None
     if not skipped:
         train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
         if "prune" in cfg.stages:
@@ -131,6 +132,11 @@ def run_sanitize(
                     rechecks, finetune_out, unlearn = recheck(net, masks, train, val, unlearn, families, detection,
                                                               cfg, gen, progress, teacher, finetune_out, noise)
         masks.apply()
+        if trigger is None and cfg.verify:
+            # Last, on a copy, with its own generator: it changes neither the weights nor the defense's draws.
+            with timings("verification"):
+                found = verify(net, val, meta.num_classes, cfg, progress, device=device,
+                               defended_target=detection.target if detection.flagged else None)
     progress.close()
 
     sanitized = None if skipped else work.cpu().eval()
@@ -159,6 +165,9 @@ def run_sanitize(
         "unlearning_plan": unlearning_plan(unlearn) if not skipped else [],
         "before": before,
         "after": after,
+        # an independent search of the sanitized model for a trigger that still works (defense/verify.py)
+        "verification": report_block(found, known=trigger is not None, skipped=skipped, after=after,
+                                     measured_with="evaluation" if eval_trigger else "known"),
         "sanitized": not skipped,
         "pruned_filters": masks.count,
         "total_filters": masks.total,

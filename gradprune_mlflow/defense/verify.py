@@ -1,0 +1,92 @@
+"""Verification: an independent search of the sanitized model for a backdoor that still works.
+
+Trigger-free mode measures its "after" with a trigger from the same search that built the unlearning set, and a model
+becomes immune to exactly what it unlearned while the attacker's trigger can survive. So after sanitizing, the
+detector runs again from scratch on the sanitized model: every class, every family, both probes, on the validation
+split (no synthesis ran on it and no fine-tuning step trained on it), with a generator of its own. It flags with the
+defense's own thresholds; nothing here is tuned for it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.metrics import attack_metrics
+from gradprune_mlflow.defense.probes import find_backdoor
+from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.triggers import Trigger
+
+# Added to cfg.seed for the verification's generator and noise probe: its draws are not the defense's, and drawing
+# them consumes none of the defense's.
+SEED_OFFSET = 104_729
+
+
+@dataclass
+class Verification:
+    """What the independent search found on the sanitized model. `verdict` is "failed" when it flagged a class."""
+
+    images: int
+    flagged: bool
+    target: int
+    anomaly_index: float
+    flagged_by: str | None
+    family: str
+    success_rate: float | None  # the found trigger's, on validation images of the other classes
+    same_target: bool  # flagged, and at the class the defense flagged
+    searched_on: str = "validation"
+
+    @property
+    def verdict(self) -> str:
+        return "failed" if self.flagged else "passed"
+
+    def to_report(self) -> dict[str, Any]:
+        rate = None if self.success_rate is None else round(self.success_rate, 4)
+        return {"verdict": self.verdict, "searched_on": self.searched_on, "images": self.images,
+                "flagged": self.flagged, "class": self.target, "anomaly_index": round(self.anomaly_index, 4),
+                "flagged_by": self.flagged_by, "family": self.family, "synthesized_trigger_success_rate": rate,
+                "same_target": self.same_target}
+
+
+def verify(net: nn.Module, val: Split, num_classes: int, cfg, progress: Progress, *,
+           defended_target: int | None = None, device: torch.device | None = None) -> Verification:
+    """Search `net` (taking [0, 1] pixels) for a remaining backdoor on `val`; `net` itself is not touched.
+
+    `cfg` is the run's SanitizeConfig: its synthesis budget and thresholds are the defense's, its seed is offset.
+    `defended_target` is the class the defense flagged, to say whether the same class is found again.
+    """
+    # A copy in eval mode: the search freezes and unfreezes parameters, and BatchNorm must not learn from it.
+    probe = copy.deepcopy(net).eval()
+    if device is not None:
+        probe = probe.to(device)
+    seed = cfg.seed + SEED_OFFSET
+    generator = torch.Generator().manual_seed(seed)
+    detection, results, hit, _ = find_backdoor(probe, val, num_classes, replace(cfg, seed=seed), generator, progress)
+    if hit is not None:
+        trigger: Trigger = hit.trigger
+    else:
+        family = next(r for r in results if r.family == detection.family)
+        trigger = family.smallest_trigger(detection.target)
+    rate = attack_metrics(probe, val, trigger)[0]
+    return Verification(len(val), detection.flagged, detection.target, detection.anomaly_index,
+                        detection.flagged_by, detection.family, rate,
+                        detection.flagged and detection.target == defended_target)
+
+
+def report_block(found: Verification | None, *, known: bool, skipped: bool, after: dict[str, Any] | None,
+                 measured_with: str) -> dict[str, Any]:
+    """report.json's `verification`: the search's result, or why none ran. With a known trigger the real trigger's
+    success rate on the sanitized model (`after`) is the verification: verdict "measured"."""
+    if found is not None:
+        return found.to_report()
+    if known:
+        return {"verdict": "measured", "with": f"{measured_with} trigger",
+                "attack_success_rate": (after or {}).get("attack_success_rate")}
+    if skipped:
+        return {"verdict": "not run", "reason": "no model was written (nothing flagged, on_clean=skip)"}
+    return {"verdict": "not run", "reason": "turned off (verify=false)"}
