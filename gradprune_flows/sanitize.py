@@ -139,9 +139,12 @@ def log_sanitize_result(run_id: str, result, inputs, job, validation: dict[str, 
 
 @task(**_IN_MEMORY)
 def register_sanitized_model(held, run_id: str, result, source, inputs) -> str:
-    """Register the sanitized model as a new version with tags, description and the alias; returns the version."""
+    """Register the sanitized model as a new version with tags, description and the alias (not when its verification
+    failed); returns the version."""
     version = steps.register(held, run_id, result, source, inputs)
-    get_run_logger().info("%s: registered sanitized version %s (alias sanitized)", held.name, version)
+    verdict = (result.report.get("verification") or {}).get("verdict")
+    alias = "verification failed: no alias" if verdict == "failed" else "alias sanitized"
+    get_run_logger().info("%s: registered sanitized version %s (%s)", held.name, version, alias)
     return version
 
 

@@ -43,3 +43,11 @@ class UnsafeModel(GradpruneError):
 
     exit_code = 3
     status = "unsafe"
+
+
+class VerificationFailed(GradpruneError):
+    """The sanitized model was written, but an independent search still found a working trigger in it: a person
+    should review it before it is used."""
+
+    exit_code = 4
+    status = "unverified"

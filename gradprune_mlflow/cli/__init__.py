@@ -36,7 +36,7 @@ COMMANDS = [
     "demo",      # gradprune demo
 ]
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_UNSAFE = 0, 1, 2, 3
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_UNSAFE, EXIT_NEEDS_REVIEW = 0, 1, 2, 3, 4
 
 
 def _say(line: str) -> None:

@@ -86,6 +86,12 @@ def sanitize_command(
     result.report["model_format"] = fmt
     written = write_outputs(result, out, input_shape=clean_set.meta.input_shape)
     print_summary(result, written)
+    from gradprune_mlflow.errors import VerificationFailed
+    from gradprune_mlflow.report.summary import verification_failed, verification_finding
+
+    if verification_failed(result.report):  # exit 4: written, but not to be used unreviewed
+        raise VerificationFailed(f"verification failed: {verification_finding(result.report)}; the model in {out} "
+                                 "still answers to a trigger: review it before using it")
 
 
 def load_clean_data(ref: str) -> CleanSet:
@@ -131,9 +137,13 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gradprune_mlflow.report.summary import pct, rows
+    from gradprune_mlflow.report.summary import pct, rows, verification_headline
 
     report, console = result.report, Console(soft_wrap=True)  # long paths stay on one line in logs
+    headline = verification_headline(report)
+    if headline:  # first: a sanitized model that still answers to a trigger is the news
+        colour = {"passed": "green", "failed": "yellow"}.get((report.get("verification") or {}).get("verdict"))
+        console.print(headline.replace("**", "").replace("`", ""), style=colour, highlight=False, markup=False)
     table = Table(title="gradprune sanitize", title_justify="left")
     table.add_column("")
     table.add_column("before", justify="right")

@@ -38,6 +38,7 @@ from gradprune_mlflow.registry.register import (
 )
 from gradprune_mlflow.registry.source import SourceModel, check_input_shape, load_source
 from gradprune_mlflow.report import review
+from gradprune_mlflow.report.summary import unverified_reason, verification_failed
 
 
 @dataclass
@@ -108,9 +109,15 @@ def adopt(job: PendingVersion, held: Claim, client: MlflowClient | None = None) 
     if made is None:
         return None
     run_id = (made.tags or {}).get(T.RUN_ID) or ""
-    move_alias(client, held.name)
+    unverified = (made.tags or {}).get(T.VERIFICATION) == T.VERIFICATION_FAILED
+    status, reason = T.SANITIZED, None
+    if unverified:  # registered for review only: the alias stays away from it
+        status = T.UNVERIFIED
+        reason = f"verification failed (see the run); review version {made.version} before promoting it"
+    else:
+        move_alias(client, held.name)
     extra = {"sanitized_version": str(made.version)} | ({"run_id": run_id} if run_id else {})
-    finish(client, held, T.SANITIZED, None, **extra)
+    finish(client, held, status, reason, **extra)
     sides: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
     url = None
     if run_id:
@@ -120,8 +127,9 @@ def adopt(job: PendingVersion, held: Claim, client: MlflowClient | None = None) 
             if side in sides and metric in runlog.REPORT_METRICS:
                 sides[side][metric] = value
         url = runlog.run_url(client, run_id)
-    return Outcome(job.name, job.version, T.SANITIZED, f"finished from sanitized version {made.version}, registered "
-                   "by an earlier run", run_id or None, url, str(made.version), sides["before"], sides["after"])
+    note = f"finished from sanitized version {made.version}, registered by an earlier run"
+    return Outcome(job.name, job.version, status, f"{reason}; {note}" if reason else note, run_id or None, url,
+                   str(made.version), sides["before"], sides["after"])
 
 
 def start(job: PendingVersion, held: Claim, config: SanitizeConfig, client: MlflowClient | None = None) -> str:
@@ -217,15 +225,20 @@ def register(held: Claim, run_id: str, result, source: SourceModel, inputs: Inpu
 
 def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_version: str | None,
             client: MlflowClient | None = None) -> Outcome:
-    """Write the final status (sanitized, or clean when nothing was flagged and no model came out) and end the run."""
+    """Write the final status and end the run: sanitized; unverified when the independent search still found a trigger
+    in the registered version (it has no alias); clean when nothing was flagged and no model came out."""
     client = client or MlflowClient()
     extra = {"run_id": run_id}
     if sanitized_version:
         extra["sanitized_version"] = sanitized_version
         review.set_run_note(client, run_id, result.report, model=job.name, version=job.version,
                             sanitized_version=sanitized_version)
-    status = T.SANITIZED if sanitized_version else T.CLEAN
-    reason = None if sanitized_version else "no backdoor flagged; nothing registered (on_clean=skip)"
+    if sanitized_version and verification_failed(result.report):
+        status, reason = T.UNVERIFIED, unverified_reason(result.report, sanitized_version)
+    elif sanitized_version:
+        status, reason = T.SANITIZED, None
+    else:
+        status, reason = T.CLEAN, "no backdoor flagged; nothing registered (on_clean=skip)"
     finish(client, held, status, reason, **extra)
     runlog.end_run(client, run_id, ok=True)
     return Outcome(job.name, job.version, status, reason, run_id, runlog.run_url(client, run_id), sanitized_version,

@@ -138,6 +138,10 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         for key in REPORT_METRICS:
             out[f"{key}/{side}"] = (report.get(side) or {}).get(key)
     out["anomaly_index"] = (report.get("detection") or {}).get("anomaly_index")
+    verification = report.get("verification") or {}
+    if verification.get("verdict") in ("passed", "failed"):  # the independent search ran
+        out["verification_anomaly_index"] = verification.get("anomaly_index")
+        out["verification_synthesized_trigger_success_rate"] = verification.get("synthesized_trigger_success_rate")
     out["pruned_filters"] = report.get("pruned_filters")
     total = report.get("total_filters")
     if isinstance(total, int | float) and total and isinstance(report.get("pruned_filters"), int | float):
@@ -161,6 +165,9 @@ def log_result(client: MlflowClient, run_id: str, result, clean_set: CleanSet | 
         client.log_image(run_id, curve_png(result.curve), artifact_file="plots/pruning_curve.png")
     _log_triggers(client, run_id, result.triggers, clean_set)
     client.set_tag(run_id, "gradprune.trigger_source", str(result.report.get("trigger_source")))
+    verdict = (result.report.get("verification") or {}).get("verdict")
+    if verdict:
+        client.set_tag(run_id, T.VERIFICATION, verdict)
     return metrics
 
 

@@ -69,7 +69,8 @@ def register_sanitized(
     report: dict[str, Any],
     run_link: str,
 ) -> str:
-    """Create the sanitized version (tags, description, run link), re-check the claim, point `sanitized` at it.
+    """Create the sanitized version (tags, description, run link), re-check the claim, point `sanitized` at it,
+    unless its verification failed: then the version stays, for review, and the alias stays where it was.
 
     Returns the new version number. Raises ClaimLost when the claim is no longer ours, and re-raises whatever failed
     after the version was created; in both cases the new version is deleted and no alias has moved.
@@ -77,6 +78,9 @@ def register_sanitized(
     tags = {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: claim.version, T.RUN_ID: run_id}
     if report.get("model_format"):
         tags[T.MODEL_FORMAT] = report["model_format"]
+    verdict = (report.get("verification") or {}).get("verdict")
+    if verdict:
+        tags[T.VERIFICATION] = verdict
     mv = client.create_model_version(
         claim.name, source=model_info.model_uri, run_id=run_id, tags=tags, run_link=run_link,
         description=describe(report, claim.version, run_link), model_id=getattr(model_info, "model_id", None),
@@ -85,7 +89,8 @@ def register_sanitized(
         if not holds(client, claim):
             raise ClaimLost(f"{claim.name} version {claim.version} was claimed by another worker while we worked; "
                             "our result was not registered")
-        move_alias(client, claim.name)
+        if verdict != T.VERIFICATION_FAILED:
+            move_alias(client, claim.name)
     except BaseException:
         _delete_quietly(client, claim.name, mv.version)
         raise
@@ -93,12 +98,14 @@ def register_sanitized(
 
 
 def move_alias(client: MlflowClient, name: str) -> str:
-    """Point the alias `sanitized` at the newest sanitized version of `name` (by version number); return it.
+    """Point the alias `sanitized` at the newest sanitized version of `name` (by version number) whose verification
+    did not fail; return it.
 
     Computing the newest each time, rather than taking ours, keeps concurrent registrations from moving the alias
     backwards.
     """
-    versions = all_versions(client, name, {T.ROLE: T.ROLE_SANITIZED})
+    versions = [v for v in all_versions(client, name, {T.ROLE: T.ROLE_SANITIZED})
+                if (v.tags or {}).get(T.VERIFICATION) != T.VERIFICATION_FAILED]
     newest = str(max(int(v.version) for v in versions))
     client.set_registered_model_alias(name, T.ALIAS, newest)
     return newest

@@ -22,6 +22,10 @@ LEASE_UNTIL = "gradprune.lease_until"
 ROLE = "gradprune.role"
 ROLE_SANITIZED = "sanitized"
 SOURCE_VERSION = "gradprune.source_version"
+# On sanitized versions and their runs: report.json's verification verdict (passed, failed, measured, not run). The
+# alias never points at a version whose verification failed.
+VERIFICATION = "gradprune.verification"
+VERIFICATION_FAILED = "failed"
 
 # Registered-model tags: where a model's inputs are (a local path or s3://).
 CLEAN_DATA = "gradprune.clean_data"
@@ -35,7 +39,9 @@ ALIAS = "sanitized"
 EXPERIMENT = "gradprune"
 
 RUNNING, SANITIZED, CLEAN = "running", "sanitized", "clean"
+# A sanitized version was registered, but the independent search still found a trigger in it: no alias, review it.
+UNVERIFIED = "unverified"
 REJECTED, UNSAFE, UNSUPPORTED, FAILED = "rejected", "unsafe", "unsupported", "failed"
-STATUSES = (RUNNING, SANITIZED, CLEAN, REJECTED, UNSAFE, UNSUPPORTED, FAILED)
+STATUSES = (RUNNING, SANITIZED, CLEAN, UNVERIFIED, REJECTED, UNSAFE, UNSUPPORTED, FAILED)
 # MLflow caps tag values at 5000 characters (8000 on newer servers); reasons are cut well below that.
 MAX_REASON = 2000

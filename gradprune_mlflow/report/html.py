@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from gradprune_mlflow.report.figures import png_bytes
-from gradprune_mlflow.report.summary import how_measured, pct, rows
+from gradprune_mlflow.report.summary import how_measured, pct, rows, verification_headline
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#1a1a1a;max-width:60em}
@@ -29,7 +29,7 @@ def render_report(report: dict[str, Any], *, title: str, figures: dict[str, Any]
     Expectations summary of the clean set (validation/ge_result.json) and links (label -> URL). Returns the HTML.
     """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>",
+             f"<style>{_CSS}</style></head><body><h1>{escape(title)}</h1>", _verification(report),
              _links(links or {}), "<h2>Before and after</h2>", _table_html(report),
              f"<p>{escape(how_measured(report))}</p>", _facts(report)]
     shown = {k: v for k, v in (figures or {}).items() if v is not None}
@@ -38,6 +38,15 @@ def render_report(report: dict[str, Any], *, title: str, figures: dict[str, Any]
         parts += [_figure(caption, image) for caption, image in shown.items()]
     parts += [_validation(validation), "</body></html>"]
     return "\n".join(p for p in parts if p)
+
+
+def _verification(report: dict[str, Any]) -> str:
+    """The verification verdict, first on the page (the markdown headline as plain text)."""
+    line = verification_headline(report)
+    if line is None:
+        return ""
+    style = {"passed": "ok", "failed": "bad"}.get((report.get("verification") or {}).get("verdict"), "")
+    return f"<p id='verification' class='{style}'>{escape(line.replace('**', '').replace('`', ''))}</p>"
 
 
 def _table_html(report: dict[str, Any]) -> str:

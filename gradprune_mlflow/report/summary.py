@@ -52,21 +52,70 @@ def how_measured(report: dict[str, Any]) -> str:
             f"{report.get('total_filters', '?')} filters ({report.get('mode', '?')} mode).")
 
 
+def verification_failed(report: dict[str, Any]) -> bool:
+    """Whether the independent search found a working trigger in the sanitized model."""
+    return (report.get("verification") or {}).get("verdict") == "failed"
+
+
+def verification_finding(report: dict[str, Any]) -> str:
+    """What the failed verification found, in one clause."""
+    v = report.get("verification") or {}
+    index = v.get("anomaly_index")
+    index = f"{index:.2f}" if isinstance(index, int | float) else "?"
+    by = str(v.get("flagged_by") or "anomaly_index").replace("_", " ")
+    same = ", the class the defense flagged" if v.get("same_target") else ""
+    return (f"an independent search on {v.get('images', '?')} held-out images found a working trigger for class "
+            f"{v.get('class', '?')}{same} ({v.get('family', '?')} family, flagged by the {by}, anomaly index {index}, "
+            f"synthesized-trigger success rate {pct(v.get('synthesized_trigger_success_rate'))})")
+
+
+def unverified_reason(report: dict[str, Any], sanitized_version: str) -> str:
+    """The source version's one-line reason when verification failed."""
+    return (f"verification failed: {verification_finding(report)}; review version {sanitized_version} before "
+            "promoting it")
+
+
+def verification_headline(report: dict[str, Any]) -> str | None:
+    """The verification verdict in one line, what reviewers read first; None for reports without one."""
+    v = report.get("verification")
+    if not v:
+        return None
+    verdict = v.get("verdict")
+    if verdict == "passed":
+        return (f"**Verification: passed** — an independent search on {v.get('images', '?')} held-out images found no "
+                "trigger (every class, both trigger families, the defense's thresholds).")
+    if verdict == "failed":
+        return (f"**Verification FAILED** — {verification_finding(report)}. The alias `sanitized` was not moved to "
+                "this version: review it before promoting it.")
+    if verdict == "measured":
+        return (f"Verification: measured with the {v.get('with', '?')}: attack success rate after "
+                f"{pct(v.get('attack_success_rate'))}.")
+    return f"Verification: not run ({v.get('reason', '?')})."
+
+
 def version_description(report: dict[str, Any], source_version: str, run_link: str) -> str:
-    """The sanitized version's description: where it came from, the table, how it was measured."""
+    """The sanitized version's description: the verification verdict, where it came from, the table, how it was
+    measured."""
     head = f"Sanitized by gradprune (Grad-Prune) from version {source_version}; run: [{run_link}]({run_link})."
-    return "\n".join([head, "", before_after_table(report), "", how_measured(report)])
+    verdict = verification_headline(report)
+    return "\n".join(([verdict, ""] if verdict else []) + [head, "", before_after_table(report), "",
+                                                            how_measured(report)])
 
 
 def run_description(report: dict[str, Any], model: str, version: str, *, validation_ok: bool | None = None,
                     sanitized_version: str | None = None) -> str:
     """The run's markdown description (`mlflow.note.content`): the table, how it was measured, where the full
     report is, and the version it produced when there is one."""
-    lines = [f"**gradprune** sanitize run for `{model}` version {version}.", "", before_after_table(report), "",
-             how_measured(report)]
+    verdict = verification_headline(report)
+    lines = ([verdict, ""] if verdict else []) + [
+        f"**gradprune** sanitize run for `{model}` version {version}.", "", before_after_table(report), "",
+        how_measured(report)]
     if validation_ok is not None:
         lines.append(f"Clean set validation (Great Expectations): {'passed' if validation_ok else 'FAILED'}.")
-    if sanitized_version:
+    if sanitized_version and verification_failed(report):
+        lines.append(f"Registered as version {sanitized_version} without the alias `sanitized` (verification "
+                     "failed): review it before promoting it.")
+    elif sanitized_version:
         lines.append(f"Registered as version {sanitized_version} with the alias `sanitized`.")
     elif report.get("sanitized") is False:
         lines.append("No model was registered: no backdoor was flagged (on_clean=skip).")
@@ -79,7 +128,8 @@ def outcome_markdown(outcome: dict[str, Any]) -> str:
     title = f"## gradprune: {outcome['model']} version {outcome['version']}: {outcome['status']}"
     lines = [title, ""]
     if outcome.get("sanitized_version"):
-        lines += [f"Sanitized version: {outcome['sanitized_version']} (alias `sanitized`).", ""]
+        alias = "not given the alias `sanitized`" if outcome.get("status") == "unverified" else "alias `sanitized`"
+        lines += [f"Sanitized version: {outcome['sanitized_version']} ({alias}).", ""]
     if outcome.get("reason"):
         lines += [f"Reason: {outcome['reason']}", ""]
     if outcome.get("before"):
