@@ -96,6 +96,13 @@ class SanitizeConfig:
     # unlearned (every class and family, on the validation split, with the same thresholds; defense/verify.py). A
     # search that flags a class fails the verification: the registry then withholds the alias `sanitized`.
     verify: bool = True
+    # Trigger-free mode: the share of the unlearning images that carry a universal perturbation toward the flagged
+    # class, searched again against the model as it learns (defense/agnostic.py), for triggers no synthesized family
+    # expresses (warps, sample-specific ones). 0 turns it off.
+    agnostic_share: float = 0.0
+    # Its largest change of a pixel (on the [0, 1] scale) and the signed-gradient steps of each search.
+    agnostic_eps: float = 0.1
+    agnostic_steps: int = 5
 
     def resolved(self, name: str) -> Any:
         """The setting `name`, with None replaced by its mode's default (MODE_DEFAULTS)."""
@@ -126,6 +133,12 @@ class SanitizeConfig:
             raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.max_prune_fraction < 1.0:
             raise BadInput(f"max_prune_fraction must be in (0, 1), got {self.max_prune_fraction}")
+        if not 0.0 <= self.agnostic_share < 1.0:
+            raise BadInput(f"agnostic_share must be in [0, 1), got {self.agnostic_share}")
+        if not 0.0 < self.agnostic_eps <= 1.0:
+            raise BadInput(f"agnostic_eps must be in (0, 1], got {self.agnostic_eps}")
+        if isinstance(self.agnostic_steps, bool) or not isinstance(self.agnostic_steps, int) or self.agnostic_steps < 1:
+            raise BadInput(f"agnostic_steps must be a whole number of at least 1, got {self.agnostic_steps!r}")
         if not isinstance(self.verify, bool):
             raise BadInput(f"verify must be true or false, got {self.verify!r}")
         for name, low in (("prune_patience", 1), ("finetune_epochs", 1), ("finetune_patience", 1),

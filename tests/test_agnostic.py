@@ -8,9 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradprune_mlflow.defense.agnostic import TargetedPerturbation
+from gradprune_mlflow import sanitize
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.data.cleanset import CleanSet
+from gradprune_mlflow.defense.agnostic import TargetedPerturbation, with_agnostic
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import TriggerMix, extended, unlearning_plan
+from gradprune_mlflow.errors import BadInput
+from gradprune_mlflow.models.zoo import SmallCNN
 
 
 def _stub() -> nn.Module:
@@ -73,3 +78,27 @@ def test_a_weighted_mix_gives_each_trigger_its_share_and_keeps_it_when_extended(
     assert flat == {"a", "d"}
     with pytest.raises(ValueError, match="one non-negative weight per trigger"):
         TriggerMix([_named("a", 0.0)], gen, weights=[1, 1])
+
+
+def test_with_agnostic_gives_the_configured_share_and_nothing_at_zero():
+    net, gen = _stub(), torch.Generator().manual_seed(0)
+    base = TriggerMix([_named("a", 0.0), _named("b", 1.0)], gen)
+    assert with_agnostic(base, net, 1, SanitizeConfig(), gen) is base  # off by default
+    mixed = with_agnostic(base, net, 1, SanitizeConfig(agnostic_share=0.3, agnostic_eps=0.05), gen)
+    plan = {p["trigger"]: p["share"] for p in unlearning_plan(mixed)}
+    assert plan == {"targeted-perturbation": 0.3, "a": 0.35, "b": 0.35}
+    for bad in ({"agnostic_share": 1.0}, {"agnostic_eps": 0.0}, {"agnostic_steps": 0}):
+        with pytest.raises(BadInput, match=next(iter(bad))):
+            SanitizeConfig().with_overrides(**bad)
+
+
+def test_a_trigger_free_run_unlearns_with_its_share_of_targeted_perturbations(clean_set):
+    # A short run on an untrained net: what is checked is the plumbing (the report's plan), not the removal.
+    idx = torch.cat([torch.nonzero(clean_set.labels == c).flatten()[:6] for c in range(clean_set.meta.num_classes)])
+    small = CleanSet(clean_set.meta, clean_set.images[idx], clean_set.labels[idx], source="subset")
+    torch.manual_seed(0)
+    result = sanitize(SmallCNN(), small, None, device="cpu", on_clean="sanitize", synth_steps=3, synth_restarts=1,
+                      finetune_epochs=1, fixed_blend_steps=0, recheck_rounds=0, verify=False, agnostic_share=0.25)
+    plan = {p["trigger"]: p["share"] for p in result.report["unlearning_plan"]}
+    assert plan["targeted-perturbation"] == 0.25 and abs(sum(plan.values()) - 1) < 1e-3
+    assert result.report["config"]["agnostic_share"] == 0.25

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.metrics import eval_mode
 from gradprune_mlflow.defense.triggers import Trigger
+from gradprune_mlflow.defense.unlearning import TriggerMix
 
 
 class TargetedPerturbation(Trigger):
@@ -51,3 +53,13 @@ class TargetedPerturbation(Trigger):
 
     def spec(self):
         return {"kind": self.kind, "target": self.target, "eps": self.eps, "steps": self.steps}
+
+
+def with_agnostic(unlearn: Trigger, net: nn.Module, target: int, cfg: SanitizeConfig,
+                  generator: torch.Generator) -> Trigger:
+    """`unlearn` with `cfg.agnostic_share` of the images given to a TargetedPerturbation toward `target` instead
+    (`unlearn` itself when the share is 0)."""
+    if not cfg.agnostic_share:
+        return unlearn
+    source = TargetedPerturbation(target, net, generator, cfg.agnostic_eps, cfg.agnostic_steps)
+    return TriggerMix([unlearn, source], generator, weights=[1 - cfg.agnostic_share, cfg.agnostic_share])

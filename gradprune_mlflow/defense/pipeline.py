@@ -14,6 +14,7 @@ from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
+from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.metrics import evaluate
@@ -114,6 +115,7 @@ def run_sanitize(
             with timings("synthesis"):
                 fixed, unlearn = with_fixed_blend(net, train, detection.target, cfg, gen, progress, unlearn)
             synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
+        unlearn = with_agnostic(unlearn, net, detection.target, cfg, gen)
     else:
         unlearn = trigger
 
