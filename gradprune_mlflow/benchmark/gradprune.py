@@ -40,6 +40,8 @@ def _variant(overrides: dict):
             "scoring_passes": rep["gradient_passes"],
             "flagged": det.get("flagged", ""), "detected_target": det.get("target", ""),
             "anomaly_index": det.get("anomaly_index", ""),  # the detection table's score
+            # the independent search after sanitizing (defense/verify.py): passed, failed, measured or not run
+            "verification": (rep.get("verification") or {}).get("verdict", ""),
         })
 
     return run
