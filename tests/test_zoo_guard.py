@@ -139,3 +139,11 @@ def test_zoo_preset_runs_clean_models_and_writes_the_detection_table(tmp_path):
     clean_table = md.split("### small_cnn, clean, 50 clean images per class")[1].split("###")[0]
     assert "| none |" in clean_table and "| n/a | n/a |" in clean_table  # no ASR, no RA for a clean model
     assert (tmp_path / "compare-zoo-cpu-quick-roc.png").stat().st_size > 5_000
+
+
+def test_the_log_s_time_left_counts_each_run_at_its_defense_s_mean():
+    todo = [runner.Job("small_cnn", a, 0, 50, d) for a in ("clean", "badnets") for d in ("none", "grad-prune-free")]
+    eta = runner.Eta(todo, start=0.0)
+    assert eta.done(todo[0], 60.0) == "[1/4, 1 min so far, about 3 min left]"  # no free run yet: the overall mean
+    assert eta.done(todo[1], 660.0) == "[2/4, 11 min so far, about 11 min left]"  # 60 s + 600 s to go
+    assert eta.done(todo[2], 720.0) == "[3/4, 12 min so far, about 10 min left]"

@@ -103,14 +103,36 @@ def run(preset: Preset, defenses: list[str], out_csv: Path, *, cache_dir: Path, 
         if fresh:
             writer.writeheader()
         task = bar.add_task("benchmark", total=len(todo))
+        eta = Eta(todo)
         for job, env in _environments(todo, preset, cache_dir, dev, bar, task):
             bar.update(task, description=f"{job.arch} {job.attack} s{job.seed} n{job.per_class} {job.defense}")
             row = run_one(job, specs[defenses.index(job.defense)], env, dev, preset.options.get(job.defense, {}))
             writer.writerow(row)
             fh.flush()
             bar.advance(task)
-            console.print(_line(row))
+            console.print(f"{_line(row)}  [dim]{eta.done(job, time.perf_counter())}[/]")
     return read_rows(out_csv)
+
+
+class Eta:
+    """Runs done, time spent and a rough time left for a log that has no progress bar: each run left is counted at
+    the mean wall time of the runs of its defense done so far (the mean of all runs while a defense has none; a
+    defense's cost varies far more between defenses than between models)."""
+
+    def __init__(self, todo: list[Job], start: float | None = None):
+        self.left = [j.defense for j in todo]
+        self.start = last = time.perf_counter() if start is None else start
+        self.last, self.spent = last, {}
+
+    def done(self, job: Job, now: float) -> str:
+        self.spent.setdefault(job.defense, []).append(now - self.last)
+        self.last = now
+        self.left.remove(job.defense)
+        every = [s for v in self.spent.values() for s in v]
+        mean = {d: sum(v) / len(v) for d, v in self.spent.items()}
+        left = sum(mean.get(d, sum(every) / len(every)) for d in self.left)
+        total = len(every) + len(self.left)
+        return f"[{len(every)}/{total}, {(now - self.start) / 60:.0f} min so far, about {left / 60:.0f} min left]"
 
 
 @dataclass
