@@ -1,4 +1,4 @@
-"""One sanitize run: check inputs, find the trigger (given or synthesized), prune, fine-tune, measure, report.
+"""One sanitize run: check inputs, find the trigger (given or synthesized), prune, fine-tune, verify, measure, report.
 
 Measuring comes last and uses no randomness, so an evaluation-only trigger cannot change the defense.
 """
@@ -14,7 +14,6 @@ from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
-from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.metrics import evaluate
@@ -23,9 +22,9 @@ from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.prune import prune
 from gradprune_mlflow.defense.result import SCHEMA, SanitizeResult
 from gradprune_mlflow.defense.synthesis import FAMILIES
-from gradprune_mlflow.defense.triggerfree import recheck, synthesized_families, unlearning_mix, with_fixed_blend
+from gradprune_mlflow.defense.triggerfree import find_triggers, recheck
 from gradprune_mlflow.defense.triggers import Trigger, check_trigger_fits
-from gradprune_mlflow.defense.unlearning import TriggerMix, triggered_copy, unlearning_plan
+from gradprune_mlflow.defense.unlearning import triggered_copy, unlearning_plan
 from gradprune_mlflow.defense.verify import report_block, verify
 from gradprune_mlflow.errors import BadInput, DataError, UnsupportedModel
 
@@ -94,33 +93,15 @@ def run_sanitize(
     teacher = copy.deepcopy(net).eval()
     masks = FilterMasks(work, torch.zeros(1, *meta.input_shape, device=device))
 
-    detection, synthesized, measure_with, rechecks, response, fixed_steps = None, [], trigger, [], None, 0
     timings = PhaseTimer()
-    if trigger is None:
-        with timings("synthesis"):
-            detection, families, hit, responses = synthesized_families(net, train, cfg, meta.num_classes, gen,
-                                                                       progress)
-        synthesized = [t for res in families for t in res.triggers(detection.target)]  # flagging family first
-        measure_with = families[0].smallest_trigger(detection.target)
-        # Fresh noise is unlearned only where noise itself works as the trigger (see noise_responses).
-        response = responses[detection.target]
-        noise = response > cfg.noise_threshold
-        unlearn = unlearning_mix(families, detection.target, cfg, gen, noise)
-        if hit is not None:
-            # The square that flagged the class is the closest thing to the real trigger: it gets half the images.
-            synthesized, measure_with = [hit.trigger] + synthesized, hit.trigger
-            unlearn = TriggerMix([hit.trigger, unlearn], gen)
-        elif detection.family == "blend" and cfg.fixed_blend_steps and (
-                detection.flagged or cfg.on_clean == "sanitize"):
-            with timings("synthesis"):
-                fixed, unlearn = with_fixed_blend(net, train, detection.target, cfg, gen, progress, unlearn)
-            synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
-        unlearn = with_agnostic(unlearn, net, detection.target, cfg, gen)
-    else:
-        unlearn = trigger
+    rechecks: list[dict[str, Any]] = []
+    found = find_triggers(net, train, cfg, meta.num_classes, gen, progress, timings) if trigger is None else None
+    detection = found.detection if found else None
+    unlearn = found.unlearn if found else trigger
+    measure_with = found.measure_with if found else trigger
 
     skipped = detection is not None and not detection.flagged and cfg.on_clean == "skip"
-    prune_out = finetune_out = found = None
+    prune_out = finetune_out = verified = None
     if not skipped:
         train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
         if "prune" in cfg.stages:
@@ -131,14 +112,15 @@ def run_sanitize(
                 finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
             if detection is not None:
                 with timings("rechecks"):
-                    rechecks, finetune_out, unlearn = recheck(net, masks, train, val, unlearn, families, detection,
-                                                              cfg, gen, progress, teacher, finetune_out, noise)
+                    rechecks, finetune_out, unlearn = recheck(net, masks, train, val, unlearn, found.families,
+                                                              detection, cfg, gen, progress, teacher, finetune_out,
+                                                              found.noise)
         masks.apply()
         if trigger is None and cfg.verify:
             # Last, on a copy, with its own generator: it changes neither the weights nor the defense's draws.
             with timings("verification"):
-                found = verify(net, val, meta.num_classes, cfg, progress, device=device,
-                               defended_target=detection.target if detection.flagged else None)
+                verified = verify(net, val, meta.num_classes, cfg, progress, device=device,
+                                  defended_target=detection.target if detection.flagged else None)
     progress.close()
 
     sanitized = None if skipped else work.cpu().eval()
@@ -161,14 +143,14 @@ def run_sanitize(
         "model_format": getattr(model, "model_format", "module"),
         "trigger_source": "known" if trigger is not None else "synthesized",
         "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
-        "detection": {**detection.to_report(), "rechecks": rechecks, "noise_response": round(response, 4)}
-        if detection else None,
+        "detection": {**detection.to_report(), "rechecks": rechecks,
+                      "noise_response": round(found.noise_response, 4)} if found else None,
         # what the unlearning images carried, and in what share (the last mix, after any recheck added to it)
         "unlearning_plan": unlearning_plan(unlearn) if not skipped else [],
         "before": before,
         "after": after,
         # an independent search of the sanitized model for a trigger that still works (defense/verify.py)
-        "verification": report_block(found, known=trigger is not None, skipped=skipped, after=after,
+        "verification": report_block(verified, known=trigger is not None, skipped=skipped, after=after,
                                      measured_with="evaluation" if eval_trigger else "known"),
         "sanitized": not skipped,
         "pruned_filters": masks.count,
@@ -182,7 +164,7 @@ def run_sanitize(
         # one search per family over every class, then one per family over the flagged class per recheck, and the
         # fixed-strength blend search when it ran
         "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) * (1 + len(rechecks))
-        + fixed_steps * cfg.synth_restarts if trigger is None else 0,
+        + found.fixed_steps * cfg.synth_restarts if found else 0,
         "evaluated_on": evaluated_on,
         "evaluated_images": len(data),
         "clean_set": {"name": meta.name, "images": len(clean_set), "train": len(train), "validation": len(val),
@@ -191,7 +173,8 @@ def run_sanitize(
     }
     if sanitized is not None:
         sanitized.eval()
-    return SanitizeResult(sanitized, report, list(masks.history), prune_out.curve if prune_out else [], synthesized)
+    return SanitizeResult(sanitized, report, list(masks.history), prune_out.curve if prune_out else [],
+                          found.synthesized if found else [])
 
 
 SYNTHESIZED_KEYS = {"attack_success_rate": "synthesized_trigger_success_rate",

@@ -1,19 +1,23 @@
-"""Trigger-free mode's steps between synthesis and the sanitize run: ordering the families found, what to unlearn
-with (unlearning_mix), the fixed-strength blend search, and the verify-and-repeat recheck after fine-tuning.
+"""Trigger-free mode's steps around the sanitize run: finding what to unlearn (find_triggers: synthesis and detection,
+the unlearning mix, the fixed-strength blend search, the trigger-agnostic share) and the verify-and-repeat recheck
+after fine-tuning.
 
 defense/pipeline.py runs them when no trigger is given; docs/algorithm.md describes the steps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.probes import NOISE_ALPHA, PatchHit, densest_square, find_backdoor, square
-from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.synthesis import (
     Detection,
     FamilyResult,
@@ -142,3 +146,42 @@ def with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: t
                         "give images of every class")
     parts = [MaskTrigger(t.target, t.mask * s, t.pattern, source=t.source) for t in fixed for s in (0.5, 1, 1.5)]
     return fixed, TriggerMix([TriggerMix(parts, gen), unlearn], gen)
+
+
+@dataclass
+class Found:
+    """What trigger-free mode found: the detection, the families' searches, and what to unlearn and measure with."""
+
+    detection: Detection
+    families: list[FamilyResult]  # the detection's family first
+    synthesized: list[Trigger]  # the closest to the real trigger first
+    measure_with: Trigger
+    unlearn: Trigger
+    noise_response: float  # the flagged class's response to uniform noise
+    noise: bool  # fresh noise is unlearned (the response is above noise_threshold)
+    fixed_steps: int = 0  # steps of the fixed-strength blend search, when it ran
+
+
+def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator,
+                  progress: Progress, timings: PhaseTimer) -> Found:
+    """Search every class in every family, decide, and build the unlearning mix (docs/algorithm.md, "The trigger")."""
+    with timings("synthesis"):
+        detection, families, hit, responses = synthesized_families(net, train, cfg, k, gen, progress)
+    target = detection.target
+    synthesized = [t for res in families for t in res.triggers(target)]  # flagging family first
+    measure_with = families[0].smallest_trigger(target)
+    # Fresh noise is unlearned only where noise itself works as the trigger (see noise_responses).
+    response = responses[target]
+    noise = response > cfg.noise_threshold
+    unlearn: Trigger = unlearning_mix(families, target, cfg, gen, noise)
+    fixed_steps = 0
+    if hit is not None:
+        # The square that flagged the class is the closest thing to the real trigger: it gets half the images.
+        synthesized, measure_with = [hit.trigger] + synthesized, hit.trigger
+        unlearn = TriggerMix([hit.trigger, unlearn], gen)
+    elif detection.family == "blend" and cfg.fixed_blend_steps and (detection.flagged or cfg.on_clean == "sanitize"):
+        with timings("synthesis"):
+            fixed, unlearn = with_fixed_blend(net, train, target, cfg, gen, progress, unlearn)
+        synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
+    unlearn = with_agnostic(unlearn, net, target, cfg, gen)
+    return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps)
