@@ -13,6 +13,7 @@ compare-PRESET-test.*, and only for the configuration of the last development ru
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -94,7 +95,7 @@ def write_report(stem: Path, rows: list[dict[str, str]], defenses: list[str], pr
         "",
         f"Last written by: `.venv/bin/python benchmarks/compare.py {command}`"
         f" (the CSV keeps the rows of every earlier run of this preset; {len(rows)} rows here)  ",
-        f"Device: {sorted({r['device'] for r in rows})}; written {date.today()}. Percentages on "
+        f"Device: {sorted({r['device'] for r in rows})}; written {date.today()} at commit {_commit()}. Percentages on "
         f"{preset.test_images or 10_000} Fashion-MNIST test images; mean ± std over the "
         f"seeds in the rows. Defense options: {preset.options or 'none'}. Clean models (attack `clean`) have no "
         "ASR: their columns are left out.",
@@ -104,7 +105,8 @@ def write_report(stem: Path, rows: list[dict[str, str]], defenses: list[str], pr
                        f"{args.accept_changed_config}"]
     roc = stem.with_name(stem.name + "-roc.png")
     header += [
-        "", "## Goals (largest clean budget)", "", tables.goals_markdown(rows), "",
+        "", f"## Overview ({label})", "", tables.overview(rows, defenses),
+        "## Goals (largest clean budget)", "", tables.goals_markdown(rows), "",
         "## What pruning adds over unlearning fine-tuning alone", "", tables.pruning_worth(rows), "",
         f"## Detection ({label})", "", detection.markdown(rows, roc.name), "",
         f"## Tables ({label})", "",
@@ -112,6 +114,17 @@ def write_report(stem: Path, rows: list[dict[str, str]], defenses: list[str], pr
     stem.with_suffix(".md").write_text("\n".join(header) + tables.markdown(rows, defenses))
     tables.plot(rows, defenses, stem.with_suffix(".png"))
     detection.plot(rows, roc)
+
+
+def _commit() -> str:
+    """The checkout's commit, "+ changes" when the code that decides what a defense does has uncommitted edits."""
+    try:
+        head = subprocess.run(["git", "-C", str(guard.REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(guard.REPO), "diff", "--quiet", "HEAD", "--", *guard.CODE]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 if __name__ == "__main__":

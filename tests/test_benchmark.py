@@ -213,6 +213,17 @@ def _row(defense, acc, asr, seconds=1.0, passes=10, seed=0, per_class=100):
             "error": ""}
 
 
+def test_the_overview_puts_every_defense_against_every_attack():
+    rows = [_row("none", 0.9, 1.0), _row("grad-prune-free", 0.89, 0.04), _row("grad-prune-free", 0.87, 0.02, seed=1),
+            {**_row("none", 0.8, 0.01), "attack": "clean", "acc_before": "0.8"},
+            {**_row("grad-prune-free", 0.79, 0.03), "attack": "clean", "acc_before": "0.8"}]
+    md = tables.overview(rows, ["none", "grad-prune-free", "anp"])
+    assert "| defense | clean | badnets |" in md  # clean models first
+    assert "| *ASR before* |  | 100.0 |" in md
+    assert "| grad-prune-free | 1.00 | 2.00 / 3.0 |" in md  # clean: the drop alone; means over the two seeds
+    assert "| anp |" not in md  # a defense without rows has no line
+
+
 def test_goals_are_checked_on_the_numbers():
     rows = [_row("grad-prune-free", 0.89, 0.04), _row("grad-prune-fast", 0.885, 0.03, seconds=10, passes=20),
             _row("grad-prune-paper", 0.88, 0.02, passes=200), _row("anp", 0.87, 0.10, seconds=30),

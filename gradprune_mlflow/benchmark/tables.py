@@ -74,8 +74,34 @@ def markdown(rows: list[dict[str, str]], defenses: list[str]) -> str:
     return "\n".join(lines)
 
 
+def overview(rows: list[dict[str, str]], defenses: list[str]) -> str:
+    """Every defense against every attack at a glance, per (arch, clean budget): "drop / ASR after" (clean-accuracy
+    points, ASR %; mean over seeds), the drop alone for clean models, and the ASR before in the first line."""
+    summary = summarise(rows)
+    lines = []
+    for arch, per_class in sorted({(k[0], k[2]) for k in summary}):
+        attacks = sorted({k[1] for k in summary if (k[0], k[2]) == (arch, per_class)}, key=lambda a: (a != CLEAN, a))
+        lines += [f"**{arch}, {per_class} clean images per class**: drop (pts) / ASR % after", "",
+                  "| defense | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+        before = [summary.get((arch, a, per_class, "none"), {}).get("asr_before") for a in attacks]
+        lines.append("| *ASR before* | " + " | ".join("" if b is None else f"{100 * b[0]:.1f}" for b in before) + " |")
+        for d in defenses:
+            cells = []
+            for a in attacks:
+                c = summary.get((arch, a, per_class, d))
+                if c is None or not c["n"]:
+                    cells.append("" if c is None else "failed")
+                    continue
+                drop = f"{c['drop'][0]:.2f}"
+                cells.append(drop if c["asr"] is None else f"{drop} / {100 * c['asr'][0]:.1f}")
+            if any(cells):
+                lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # Defenses whose report says whether their detector flagged a class.
-FLAGGING = {"neural-cleanse", "grad-prune-free", "unlearn-ft-free", "prune-only-free"}
+FLAGGING = {"neural-cleanse", "grad-prune-free", "grad-prune-detect", "unlearn-ft-free", "prune-only-free"}
 BASELINES = ("fine-tuning", "fine-pruning", "anp", "neural-cleanse")
 
 
