@@ -42,6 +42,7 @@ def _variant(overrides: dict):
             "anomaly_index": det.get("anomaly_index", ""),  # the detection table's score
             # the independent search after sanitizing (defense/verify.py): passed, failed, measured or not run
             "verification": (rep.get("verification") or {}).get("verdict", ""),
+            "timings": rep["timings"],  # seconds per phase (report.json's)
         })
 
     return run
