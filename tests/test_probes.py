@@ -72,6 +72,21 @@ def test_the_patch_probe_flags_first_then_the_noise_probe():
     assert [h["target"] for h in report["probes"]["patch"]] == list(range(K))
 
 
+def test_the_report_lists_every_detector_s_evidence_whichever_flagged():
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", [0.07] + FLAT[1:])
+    hits = QUIET[:3] + [_hit(3, 0.95)] + QUIET[4:]
+    found, _ = _decide(patch, blend, hits, noise=[0.0, 0.0, 0.8] + [0.0] * 7)
+    ev = {e["detector"]: e for e in found.to_report()["probes"]["evidence"]}
+    assert list(ev) == ["patch_probe", "noise_probe", "blend_anomaly", "patch_anomaly_index", "blend_anomaly_index"]
+    assert (ev["patch_probe"]["class"], ev["patch_probe"]["score"], ev["patch_probe"]["fires"]) == (3, 0.95, True)
+    assert (ev["noise_probe"]["class"], ev["noise_probe"]["fires"], ev["noise_probe"]["threshold"]) == (2, True, 0.5)
+    # the blend rule holds too (0.35 of the median class's strength), though the patch probe flagged first
+    assert ev["blend_anomaly"]["class"] == 0 and ev["blend_anomaly"]["score"] == 0.35 and ev["blend_anomaly"]["fires"]
+    assert ev["blend_anomaly_index"]["score"] > 2 and not ev["blend_anomaly_index"]["fires"]
+    quiet, _ = _decide(patch, _sizes_family("blend", [0.13] + FLAT[1:]))
+    assert not any(e["fires"] for e in quiet.to_report()["probes"]["evidence"])
+
+
 def test_densest_square_finds_the_block():
     mask = torch.zeros(1, 12, 12)
     mask[:, 8:11, 2:5] = 1.0

@@ -135,6 +135,35 @@ def relative_size(result: FamilyResult, k: int) -> float:
     return float(sizes[result.column(k)] / sizes.median().clamp_min(1e-12))
 
 
+def evidence(detection: Detection, by_family: dict[str, FamilyResult], index: dict[str, torch.Tensor],
+             hits: list[PatchHit], noise: list[float], *, patch_threshold: float, noise_threshold: float,
+             relative_threshold: float) -> list[dict]:
+    """Each detector's evidence for its strongest class, in the order `decide` consults them: {"detector", "class",
+    "score", "threshold", "fires"}. The blend rule's score is the class's blend strength over the median class's and
+    fires below its threshold, and only where the anomaly index is above its own; the anomaly index alone never flags
+    (see decide) and is listed so that a reviewer sees how far each family's top class stood out."""
+    out = []
+    if hits:
+        best = max(hits, key=lambda h: h.best)
+        out.append({"detector": "patch_probe", "class": best.target, "score": round(best.best, 4),
+                    "threshold": patch_threshold, "fires": best.best >= patch_threshold})
+    if noise:
+        top = max(range(len(noise)), key=noise.__getitem__)
+        out.append({"detector": "noise_probe", "class": top, "score": round(noise[top], 4),
+                    "threshold": noise_threshold, "fires": noise[top] > noise_threshold})
+    if "blend" in by_family:
+        k = int(index["blend"].argmax())
+        rel = relative_size(by_family["blend"], k)
+        out.append({"detector": "blend_anomaly", "class": k, "score": round(rel, 4), "threshold": relative_threshold,
+                    "fires": bool(detection.flagged and detection.family == "blend" and detection.target == k
+                                  and rel < relative_threshold)})
+    for family, idx in index.items():
+        k = int(idx.argmax())
+        out.append({"detector": f"{family}_anomaly_index", "class": k, "score": round(float(idx[k]), 4),
+                    "threshold": None, "fires": False})
+    return out
+
+
 def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHit], noise: list[float], *,
            patch_threshold: float, noise_threshold: float, relative_threshold: float
            ) -> tuple[Detection, PatchHit | None]:
@@ -148,9 +177,11 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
     What sets it apart is its blend strength relative to the median class's, well above that of SIG's and Blend's
     targets (benchmarks/results/probe-detection.md).
     """
-    probes = {"patch": [h.to_report() for h in hits], "noise": [round(r, 4) for r in noise]}
     by_family = {r.family: r for r in results}
     index = {r.family: anomaly_index(r.class_sizes()) for r in results}
+    probes = {"patch": [h.to_report() for h in hits], "noise": [round(r, 4) for r in noise],
+              "evidence": evidence(detection, by_family, index, hits, noise, patch_threshold=patch_threshold,
+                                   noise_threshold=noise_threshold, relative_threshold=relative_threshold)}
 
     def flag(target: int, family: str, by: str) -> Detection:
         res = by_family[family]
