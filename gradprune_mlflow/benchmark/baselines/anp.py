@@ -122,10 +122,11 @@ def prune_lowest(net: nn.Module, masks: dict[str, torch.Tensor], count: int) -> 
 @register("anp", uses_trigger=False, summary="adversarial neuron pruning (eps 0.4, alpha 0.2, threshold 0.2)")
 def anp(
     model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int, iterations: int = ITERATIONS,
-    bn: str = "eval",
+    bn: str = "eval", max_drop: float = MAX_ACC_DROP,
 ) -> Defended:
     """ANP; `iterations` (published: 2000) is the one setting a preset may lower to fit its hardware, `bn` chooses
-    the statistics BatchNorm normalises with during the optimisation (see the module's deviations)."""
+    the statistics BatchNorm normalises with during the optimisation, and `max_drop` the validation budget of the
+    back-off (1 turns it off: every mask below the threshold is pruned, as published; see the module's deviations)."""
     train, val = clean.split(0.1, seed)
     work = copy.deepcopy(model).float().eval()
     net = Normalized(work, clean.meta.mean, clean.meta.std).to(_device(work))
@@ -137,9 +138,10 @@ def anp(
     while count > 0:  # back off (lowest masks kept pruned) while the validation drop is over budget
         work.load_state_dict(original)
         prune_lowest(net, masks, count)
-        if accuracy(net, val) >= base - allowed_drop(val, MAX_ACC_DROP):
+        if accuracy(net, val) >= base - allowed_drop(val, max_drop):
             break
         count = count * 3 // 4
     if count == 0:
         work.load_state_dict(original)
-    return Defended(work, {"pruned": count, "below_threshold": below, "iterations": iterations, "bn": bn})
+    return Defended(work, {"pruned": count, "below_threshold": below, "iterations": iterations, "bn": bn,
+                           "max_drop": max_drop})
