@@ -90,8 +90,9 @@ def test_one_scan_handles_every_pending_version(first_scan, registry):
         assert tags[T.STATUS] == T.SANITIZED and tags[T.RUN_ID] == outcome["run_id"]
         assert tags[T.SANITIZED_VERSION] == outcome["sanitized_version"]
         made = client.get_model_version(GOOD, outcome["sanitized_version"])
+        # a known trigger: its measured ASR is the verification
         assert made.tags == {T.ROLE: T.ROLE_SANITIZED, T.SOURCE_VERSION: source, T.RUN_ID: outcome["run_id"],
-                             T.MODEL_FORMAT: "pickle"}
+                             T.MODEL_FORMAT: "pickle", T.VERIFICATION: "measured"}
         assert "| attack success rate |" in made.description and outcome["run_url"] in made.description
         assert outcome["after"]["attack_success_rate"] < 0.2 < outcome["before"]["attack_success_rate"]
         run = client.get_run(outcome["run_id"])
