@@ -1,0 +1,99 @@
+"""Every detector's raw evidence for every class of the zoo's models: what the flag score is calibrated on.
+
+For each model of a preset's split, runs trigger-free detection exactly as `sanitize` does (same split of the trusted
+set, same generator, the default configuration) and writes one JSON line per model: for every class, the patch
+probe's best response, the noise probe's response, and each family's anomaly index and trigger size relative to the
+median class's. Nothing is decided here, so the lines serve any scoring rule: `--score` prints the flag score of each
+model with the configuration's rule (defense/evidence.py).
+
+    python benchmarks/detection_evidence.py --preset zoo-cpu --archs small_cnn --per-class 50 --split dev
+    python benchmarks/detection_evidence.py --preset zoo-cpu-quick --split test
+    python benchmarks/detection_evidence.py --score benchmarks/results/detection-evidence-dev.jsonl
+
+Resumable: models already in the output file are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gradprune_mlflow import lab
+from gradprune_mlflow.benchmark.presets import CLEAN, PRESETS
+from gradprune_mlflow.benchmark.runner import model_for
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import find_backdoor, relative_size
+from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.synthesis import anomaly_index
+
+HERE = Path(__file__).resolve().parent
+
+
+def class_evidence(model, clean, seed: int) -> dict:
+    """Per-class raw evidence of one model, detected as `sanitize` detects with the default configuration."""
+    cfg = SanitizeConfig(seed=seed, device="cpu")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train, _ = clean.split(cfg.val_fraction, cfg.seed)
+    net = Normalized(copy.deepcopy(model).float().cpu().eval(), clean.meta.mean, clean.meta.std)
+    k = clean.meta.num_classes
+    detection, results, _, noise = find_backdoor(net, train, k, cfg, gen, Progress())
+    by_family = {r.family: r for r in results}
+    hits = detection.probes["patch"]
+    out = {"patch_probe": [h["best"] for h in sorted(hits, key=lambda h: h["target"])], "noise_probe": noise}
+    for family, res in by_family.items():
+        idx = anomaly_index(res.class_sizes())
+        out[f"{family}_index"] = [round(float(idx[res.column(c)]), 4) for c in range(k)]
+        out[f"{family}_relative"] = [round(relative_size(res, c), 4) for c in range(k)]
+    return {"flagged": detection.flagged, "flagged_target": detection.target if detection.flagged else None,
+            "flagged_by": detection.flagged_by, "classes": out}
+
+
+def collect(args) -> None:
+    preset = PRESETS[args.preset].with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class)
+    out = Path(args.out)
+    done = set()
+    if out.is_file():
+        done = {(r["arch"], r["attack"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
+    cache = HERE / "cache"
+    n = preset.per_class[0]
+    for arch in preset.archs:
+        for attack in preset.attacks:
+            for seed in preset.seeds(args.split):
+                if (arch, attack, seed) in done:
+                    continue
+                start = time.perf_counter()
+                model, trigger = model_for(attack, arch, preset, seed, cache, torch.device("cpu"))
+                clean = lab.trusted_set(n, seed=seed, image=preset.image)
+                row = {"preset": preset.name, "split": args.split, "arch": arch, "attack": attack, "seed": seed,
+                       "per_class": n, "target": None if attack == CLEAN else getattr(trigger, "target", None),
+                       **class_evidence(model, clean, seed), "seconds": round(time.perf_counter() - start, 1)}
+                with out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{arch} {attack} s{seed}: flagged={row['flagged']} by={row['flagged_by']} "
+                      f"target={row['flagged_target']} ({row['seconds']} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="zoo-cpu-quick", choices=sorted(PRESETS))
+    p.add_argument("--split", default="dev", choices=("dev", "test"))
+    p.add_argument("--archs", nargs="+")
+    p.add_argument("--attacks", nargs="+")
+    p.add_argument("--per-class", type=int, nargs=1)
+    p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
+    args = p.parse_args(argv)
+    args.out = args.out or str(HERE / "results" / f"detection-evidence-{args.split}.jsonl")
+    collect(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
