@@ -30,7 +30,7 @@ from gradprune_mlflow.benchmark.runner import model_for
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import find_backdoor, relative_size
-from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.synthesis import anomaly_index
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +44,7 @@ def class_evidence(model, clean, seed: int) -> dict:
     train, _ = clean.split(cfg.val_fraction, cfg.seed)
     net = Normalized(copy.deepcopy(model).float().cpu().eval(), clean.meta.mean, clean.meta.std)
     k = clean.meta.num_classes
-    detection, results, _, noise = find_backdoor(net, train, k, cfg, gen, Progress())
+    detection, results, _, noise = find_backdoor(net, train, k, cfg, gen, SilentProgress())
     by_family = {r.family: r for r in results}
     hits = detection.probes["patch"]
     out = {"patch_probe": [h["best"] for h in sorted(hits, key=lambda h: h["target"])], "noise_probe": noise}
