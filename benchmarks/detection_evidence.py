@@ -57,7 +57,9 @@ def class_evidence(model, clean, seed: int) -> dict:
 
 
 def collect(args) -> None:
-    preset = PRESETS[args.preset].with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class)
+    seeds = {"dev_seeds" if args.split == "dev" else "test_seeds": args.seeds}
+    preset = PRESETS[args.preset].with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class,
+                                                 **seeds)
     out = Path(args.out)
     done = set()
     if out.is_file():
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", nargs="+")
     p.add_argument("--attacks", nargs="+")
     p.add_argument("--per-class", type=int, nargs=1)
+    p.add_argument("--seeds", type=int, nargs="+", help="instead of the preset's seeds of the split")
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     args = p.parse_args(argv)
     args.out = args.out or str(HERE / "results" / f"detection-evidence-{args.split}.jsonl")
