@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 
 from gradprune_mlflow import lab
+from gradprune_mlflow.benchmark.detection import auroc
 from gradprune_mlflow.benchmark.presets import CLEAN, PRESETS
 from gradprune_mlflow.benchmark.runner import model_for
 from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import find_backdoor, relative_size
 from gradprune_mlflow.defense.progress import SilentProgress
@@ -83,6 +85,41 @@ def collect(args) -> None:
                       f"target={row['flagged_target']} ({row['seconds']} s)", flush=True)
 
 
+def scored(row: dict, t: Thresholds):
+    """The flag score of one model's line under thresholds `t`."""
+    c = row["classes"]
+    return flag_score(strengths(c["patch_probe"], c["noise_probe"], c["blend_index"], c["blend_relative"], t), t)
+
+
+def summary(rows: list[dict], t: Thresholds) -> dict:
+    """Over a split's models: the clean models' highest score, how many clean models are flagged or suspect, how many
+    backdoored ones are flagged at the right target or suspect, and the score's AUROC (clean vs backdoored)."""
+    clean = [scored(r, t) for r in rows if r["attack"] == CLEAN]
+    bad = [(r, scored(r, t)) for r in rows if r["attack"] != CLEAN]
+    single = [(r, s) for r, s in bad if r["target"] is not None]
+    return {"clean": len(clean), "backdoored": len(bad),
+            "clean_max": max((s.best.score for s in clean), default=float("nan")),
+            "clean_flagged": sum(s.verdict == "flagged" for s in clean),
+            "clean_suspect": sum(s.verdict == "suspect" for s in clean),
+            "right_target": sum(s.verdict == "flagged" and s.best.target == r["target"] for r, s in single),
+            "single_target": len(single),
+            "backdoored_suspect": sum(s.verdict == "suspect" for _, s in bad),
+            "auroc": auroc([s.best.score for s in clean], [s.best.score for _, s in bad])}
+
+
+def score_table(rows: list[dict], t: Thresholds) -> str:
+    """Markdown: every model's flag score, verdict, class and lead detector under thresholds `t`."""
+    lines = ["| arch | attack | seed | target | score | verdict | class | lead | patch | noise | blend |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["attack"] != CLEAN, r["arch"], r["attack"], r["seed"])):
+        s = scored(r, t)
+        st = s.best.strengths
+        lines.append(f"| {r['arch']} | {r['attack']} | {r['seed']} | {'-' if r['target'] is None else r['target']} "
+                     f"| {s.best.score:.3f} | {s.verdict} | {s.best.target} | {s.best.lead} | "
+                     f"{st['patch_probe']:.2f} | {st['noise_probe']:.2f} | {st['blend_anomaly']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="zoo-cpu-quick", choices=sorted(PRESETS))
@@ -92,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, nargs=1)
     p.add_argument("--seeds", type=int, nargs="+", help="instead of the preset's seeds of the split")
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
+    p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
+    p.add_argument("--slope", type=float, nargs="+", help="with --score: flag_slope values to compare")
     args = p.parse_args(argv)
+    if args.score:
+        rows = [json.loads(line) for line in Path(args.score).read_text().splitlines()]
+        cfg = SanitizeConfig()
+        for slope in args.slope or [cfg.flag_slope]:
+            t = Thresholds.of(cfg.with_overrides(flag_slope=slope))
+            print(f"flag_slope {slope}: {json.dumps(summary(rows, t))}")
+        print(score_table(rows, Thresholds.of(cfg)))
+        return 0
     args.out = args.out or str(HERE / "results" / f"detection-evidence-{args.split}.jsonl")
     collect(args)
     return 0

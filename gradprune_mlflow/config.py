@@ -85,6 +85,13 @@ class SanitizeConfig:
     # A class is flagged when uniform noise alone (strength 0.2) sends more than this fraction of the other classes'
     # trusted images to it; fresh noise then joins the blend family's unlearning triggers.
     noise_threshold: float = 0.5
+    # The flag decision combines the detectors above into one score per class (defense/evidence.py): each votes
+    # 0.5 at its own threshold, rising with this slope; the class is flagged when the combined score reaches
+    # `flag_threshold`. Below that but at or above `suspect_threshold` (set above the scores of the development
+    # clean models, docs/algorithm.md) the model is `suspect`.
+    flag_slope: float = 4.0
+    flag_threshold: float = 0.5
+    suspect_threshold: float = 0.35
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
     recheck_rounds: int = 2
@@ -139,6 +146,11 @@ class SanitizeConfig:
             raise BadInput(f"agnostic_eps must be in (0, 1], got {self.agnostic_eps}")
         if isinstance(self.agnostic_steps, bool) or not isinstance(self.agnostic_steps, int) or self.agnostic_steps < 1:
             raise BadInput(f"agnostic_steps must be a whole number of at least 1, got {self.agnostic_steps!r}")
+        if isinstance(self.flag_slope, bool) or not isinstance(self.flag_slope, int | float) or self.flag_slope <= 0:
+            raise BadInput(f"flag_slope must be a positive number, got {self.flag_slope!r}")
+        if not 0.0 < self.suspect_threshold <= self.flag_threshold < 1.0:
+            raise BadInput("suspect_threshold and flag_threshold must satisfy 0 < suspect_threshold <= flag_threshold "
+                           f"< 1, got {self.suspect_threshold!r} and {self.flag_threshold!r}")
         if not isinstance(self.verify, bool):
             raise BadInput(f"verify must be true or false, got {self.verify!r}")
         for name, low in (("prune_patience", 1), ("finetune_epochs", 1), ("finetune_patience", 1),

@@ -51,3 +51,11 @@ class VerificationFailed(GradpruneError):
 
     exit_code = 4
     status = "unverified"
+
+
+class Suspect(GradpruneError):
+    """Nothing was flagged, but the flag score is above what clean models show: no model was written
+    (on_clean=skip), and a person should look at the evidence."""
+
+    exit_code = 5
+    status = "suspect"

@@ -38,7 +38,8 @@ from gradprune_mlflow.errors import BadInput
 NAME = "gradprune"
 PREFIX = "gradprune/"
 CONFIG_KEYS = {"model_uri", "mean", "std", "input_shape", "eval_trigger", "synthesize", "synth_steps", "synth_restarts",
-               "anomaly_threshold", "relative_size", "patch_threshold", "noise_threshold", "seed", "device"}
+               "anomaly_threshold", "relative_size", "patch_threshold", "noise_threshold", "flag_slope",
+               "flag_threshold", "suspect_threshold", "seed", "device"}
 # Pixels un-normalised with mean/std must land in [0, 1]; this much float noise is tolerated.
 PIXEL_SLACK = 1e-3
 
@@ -59,6 +60,9 @@ class EvalConfig:
     relative_size: float = SanitizeConfig.relative_size
     patch_threshold: float = SanitizeConfig.patch_threshold
     noise_threshold: float = SanitizeConfig.noise_threshold
+    flag_slope: float = SanitizeConfig.flag_slope
+    flag_threshold: float = SanitizeConfig.flag_threshold
+    suspect_threshold: float = SanitizeConfig.suspect_threshold
     seed: int = 0
     device: str = "auto"
 
@@ -140,7 +144,8 @@ def scan(net: torch.nn.Module, data: Split, num_classes: int, cfg: EvalConfig) -
         synth = measure(net, data, best)
         detection = found.to_report()
         metrics |= {f"{PREFIX}anomaly_index": found.anomaly_index, f"{PREFIX}flagged": float(found.flagged),
-                    f"{PREFIX}target_class": float(found.target)}
+                    f"{PREFIX}target_class": float(found.target), f"{PREFIX}flag_score": found.score["value"],
+                    f"{PREFIX}suspect": float(found.score["verdict"] == "suspect")}
         if synth["attack_success_rate"] is not None:
             metrics[f"{PREFIX}synthesized_attack_success_rate"] = synth["attack_success_rate"]
     return metrics, detection

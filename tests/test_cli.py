@@ -239,6 +239,26 @@ def test_outputs_when_nothing_was_flagged(tmp_path, capsys):
     assert "no model written" in shown and "90.0%" in shown
 
 
+def test_a_suspect_model_exits_5_with_its_score_and_writes_no_model(tmp_path, clean_cnn, clean_set_dir):
+    """A trained clean model, with thresholds set so that any evidence is suspect and none flags: the plumbing from
+    score to exit code."""
+    torch.save(clean_cnn, tmp_path / "clean.pt")
+    out = tmp_path / "out"
+    done = gradprune("sanitize", str(tmp_path / "clean.pt"), "--clean-data", str(clean_set_dir), "--out", str(out),
+                     "--device", "cpu", "--set", "suspect_threshold=0.001", "--set", "flag_threshold=0.999",
+                     "--set", "synth_steps=10", "--set", "synth_restarts=1")
+    assert done.returncode == 5, done.stderr
+    assert lines(done.stderr) == [lines(done.stderr)[0]] and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: suspect, not flagged: flag score ")
+    assert "no model written" in done.stderr and "--on-clean sanitize" in done.stderr
+    report = json.loads((out / "report.json").read_text())
+    score = report["detection"]["score"]
+    assert score["verdict"] == "suspect" and 0.001 <= score["value"] < 0.999 and not report["detection"]["flagged"]
+    assert set(score["contributions"]) == {"patch_probe", "noise_probe", "blend_anomaly"}
+    assert not (out / "model").exists()
+    assert "suspect: flag score" in done.stdout
+
+
 def test_every_sub_command_module_imports_and_registers():
     import importlib
 

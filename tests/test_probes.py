@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.evidence import Thresholds
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import (
     PLAIN_MARGIN,
@@ -38,9 +39,12 @@ FLAT = [0.2, 0.21, 0.19, 0.2, 0.22, 0.18, 0.2, 0.21, 0.19, 0.2]
 QUIET = [_hit(k, 0.3) for k in range(K)]
 
 
+# patch 0.9, noise 0.5, anomaly index 2, relative strength 0.5; slope 4, flagged at 0.5, suspect from 0.35
+THRESHOLDS = Thresholds(0.9, 0.5, 2.0, 0.5, 4.0, 0.5, 0.35)
+
+
 def _decide(patch, blend, hits=QUIET, noise=(0.01,) * K):
-    return decide(detect([patch, blend], 2.0), [patch, blend], hits, list(noise), patch_threshold=0.9,
-                  noise_threshold=0.5, relative_threshold=0.5)
+    return decide(detect([patch, blend], 2.0), [patch, blend], hits, list(noise), THRESHOLDS)
 
 
 def test_a_patch_anomaly_alone_does_not_flag():
@@ -59,17 +63,53 @@ def test_a_blend_anomaly_flags_only_when_its_strength_is_far_below_the_median():
     assert natural.anomaly_index > 2.0 and natural.flagged is False
 
 
-def test_the_patch_probe_flags_first_then_the_noise_probe():
-    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", [0.07] + FLAT[1:])
+def test_the_strongest_class_is_flagged_and_its_lead_detector_says_how():
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", FLAT)
     hits = QUIET[:3] + [_hit(3, 0.95)] + QUIET[4:]
+    # a square just over its threshold on class 3, noise far over its own on class 2: class 2 is the stronger
     found, hit = _decide(patch, blend, hits, noise=[0.0, 0.0, 0.8] + [0.0] * 7)
-    assert (found.flagged_by, found.target, found.family) == ("patch_probe", 3, "patch") and hit is hits[3]
-    found, hit = _decide(patch, blend, QUIET, noise=[0.0, 0.0, 0.8] + [0.0] * 7)
     assert (found.flagged_by, found.target, found.family, hit) == ("noise_probe", 2, "blend", None)
-    # the report carries every class's probe responses
+    assert found.score["verdict"] == "flagged" and found.score["lead"] == "noise_probe"
+    # without the noise, the square flags class 3, unlearned as the probe's square
+    found, hit = _decide(patch, blend, hits)
+    assert (found.flagged_by, found.target, found.family) == ("patch_probe", 3, "patch") and hit is hits[3]
+    # the report carries every class's probe responses and the score with each detector's part
     report = found.to_report()
-    assert report["flagged_by"] == "noise_probe" and report["probes"]["noise"][2] == 0.8
+    assert report["flagged_by"] == "patch_probe" and report["probes"]["patch"][3]["best"] == 0.95
     assert [h["target"] for h in report["probes"]["patch"]] == list(range(K))
+    assert report["score"]["contributions"]["patch_probe"]["strength"] == round(0.95 / 0.9, 4)
+
+
+def test_detectors_short_of_their_thresholds_add_up():
+    """A square that sends 80% of the images (0.9 needed) and noise that sends 45% (0.5 needed) to the same class:
+    neither fires alone, together they flag it."""
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", FLAT)
+    hits = QUIET[:5] + [_hit(5, 0.8)] + QUIET[6:]
+    alone, _ = _decide(patch, blend, hits)
+    assert not alone.flagged
+    both, hit = _decide(patch, blend, hits, noise=[0.0] * 5 + [0.45] + [0.0] * 4)
+    assert both.flagged and both.target == 5 and both.score["value"] >= 0.5
+    assert all(c["strength"] < 1 for c in both.score["contributions"].values())
+
+
+def test_evidence_short_of_a_flag_but_above_clean_models_is_suspect():
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", FLAT)
+    found, hit = _decide(patch, blend, QUIET[:4] + [_hit(4, 0.82)] + QUIET[5:])
+    assert (found.flagged, hit, found.score["verdict"], found.score["class"]) == (False, None, "suspect", 4)
+    assert 0.35 <= found.score["value"] < 0.5
+    quiet, _ = _decide(patch, blend)
+    assert quiet.score["verdict"] == "clean" and quiet.score["value"] < 0.35
+
+
+def test_a_blend_target_is_flagged_though_another_family_holds_the_top_index():
+    """The class stands out most in the patch family (where nothing flags it) and, less, in the blend family at
+    0.39 of the median class's strength: the blend evidence counts for the class wherever the top index is."""
+    patch = _sizes_family("patch", [0.002] + FLAT[1:])
+    blend = _sizes_family("blend", [0.078] + FLAT[1:])
+    assert detect([patch, blend], 2.0).family == "patch"
+    found, hit = _decide(patch, blend)
+    assert (found.flagged, found.flagged_by, found.target, found.family, hit) == (True, "anomaly_index", 0, "blend",
+                                                                                   None)
 
 
 def test_the_report_lists_every_detector_s_evidence_whichever_flagged():

@@ -101,3 +101,27 @@ def test_a_source_left_with_a_failed_version_is_finished_unverified_not_sanitize
     assert client.get_registered_model(NAME).aliases == alias
     # Recomputing the newest version for the alias passes over the newer, failed one.
     assert move_alias(client, NAME) == alias[T.ALIAS]
+
+
+def test_a_suspect_model_ends_suspect_with_its_evidence_and_nothing_registered(client):
+    source = register_source_model(create_model("small_cnn"), NAME, input_shape=SHAPE)
+    before = client.get_registered_model(NAME).aliases
+    count = len(client.search_model_versions(f"name='{NAME}'"))
+    pending, held = job.claim(NAME, source)
+    run_id = job.start(pending, held, SanitizeConfig())
+    score = {"verdict": "suspect", "value": 0.42, "class": 6, "lead": "blend_anomaly", "threshold": 0.5,
+             "suspect_threshold": 0.35, "contributions": {
+                 "patch_probe": {"strength": 0.3, "vote": 0.06}, "noise_probe": {"strength": 0.5, "vote": 0.12},
+                 "blend_anomaly": {"strength": 0.85, "vote": 0.35}}}
+    report = {**_result(PASSED).report, "detection": {"target": 6, "anomaly_index": 1.8, "flagged": False,
+                                                      "flagged_by": None, "score": score},
+              "verification": {"verdict": "not run", "reason": "no model was written"}, "after": None,
+              "sanitized": False}
+    outcome = job.succeed(pending, held, run_id, SanitizeResult(None, report), None)
+    tags = client.get_model_version(NAME, source).tags
+    assert outcome.status == tags[T.STATUS] == T.SUSPECT and tags[T.REASON] == outcome.reason
+    assert outcome.reason.startswith("suspect, not flagged: flag score 0.42 for class 6 (flagged at 0.50, suspect "
+                                     "from 0.35): blend anomaly 0.85 of its threshold")
+    assert "--set on_clean=sanitize" in outcome.reason
+    assert len(client.search_model_versions(f"name='{NAME}'")) == count and outcome.sanitized_version is None
+    assert client.get_registered_model(NAME).aliases == before

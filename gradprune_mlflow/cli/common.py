@@ -67,8 +67,9 @@ def outcomes_table(outcomes: list[dict[str, Any]], title: str = "gradprune scan"
     table = Table(title=f"{title} (before -> after)", title_justify="left")
     for col in ("model", "version", "status", "ASR", "clean accuracy", "new version"):
         table.add_column(col, no_wrap=col in ("model", "status"), overflow="fold")
-    # unverified: registered without the alias, for a person to review; neither a success nor an error
-    colours = {"sanitized": "green", "clean": "green", "unverified": "yellow", "skipped": "dim"}
+    # unverified (registered without the alias) and suspect (nothing registered, the evidence short of a flag): for a
+    # person to review; neither a success nor an error
+    colours = {"sanitized": "green", "clean": "green", "unverified": "yellow", "suspect": "yellow", "skipped": "dim"}
     for o in outcomes:
         status = o["status"]
         table.add_row(o["model"], str(o["version"]), f"[{colours.get(status, 'red')}]{status}[/]",

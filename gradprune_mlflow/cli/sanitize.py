@@ -86,9 +86,12 @@ def sanitize_command(
     result.report["model_format"] = fmt
     written = write_outputs(result, out, input_shape=clean_set.meta.input_shape)
     print_summary(result, written)
-    from gradprune_mlflow.errors import VerificationFailed
-    from gradprune_mlflow.report.summary import verification_failed, verification_finding
+    from gradprune_mlflow.errors import Suspect, VerificationFailed
+    from gradprune_mlflow.report.summary import suspect, suspect_reason, verification_failed, verification_finding
 
+    if result.model is None and suspect(result.report):  # exit 5: nothing written, the evidence needs a look
+        raise Suspect(f"{suspect_reason(result.report)}; no model written: review the evidence in {out}, "
+                      "or rerun with --on-clean sanitize")
     if verification_failed(result.report):  # exit 4: written, but not to be used unreviewed
         raise VerificationFailed(f"verification failed: {verification_finding(result.report)}; the model in {out} "
                                  "still answers to a trigger: review it before using it")
@@ -137,7 +140,7 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gradprune_mlflow.report.summary import pct, rows, verification_headline
+    from gradprune_mlflow.report.summary import pct, rows, suspect, verification_headline
 
     report, console = result.report, Console(soft_wrap=True)  # long paths stay on one line in logs
     headline = verification_headline(report)
@@ -153,7 +156,7 @@ def print_summary(result: SanitizeResult, written: dict[str, Path]) -> None:
     console.print(table)
     for line in _facts(report):
         console.print(line, highlight=False)
-    if result.model is None:
+    if result.model is None and not suspect(report):
         console.print("no backdoor flagged: no model written (--on-clean sanitize unlearns the top candidate anyway)")
     console.print("wrote " + ", ".join(str(p) for p in written.values()), highlight=False)
 
@@ -163,12 +166,19 @@ def _num(value: Any, fmt: str = ".2f") -> str:
 
 
 def _facts(report: dict[str, Any]) -> list[str]:
+    from gradprune_mlflow.defense.evidence import describe
+
     lines = []
     det = report.get("detection")
     if det:
         by = det.get("flagged_by")
         flag = ("flagged" + (f" by the {by.replace('_', ' ')}" if by else "")) if det.get("flagged") else "not flagged"
-        lines.append(f"detection: class {det.get('target')} {flag} (anomaly index {_num(det.get('anomaly_index'))})")
+        score = det.get("score") or {}
+        scored = f", flag score {_num(score.get('value'))} of {_num(score.get('threshold'))}" if score else ""
+        lines.append(f"detection: class {det.get('target')} {flag} (anomaly index {_num(det.get('anomaly_index'))}"
+                     f"{scored})")
+        if score.get("verdict") == "suspect":
+            lines.append(f"suspect: {describe(score)}")
     lines.append(f"trigger: {report.get('trigger_source', '?')}; attack measured with "
                  f"{report.get('asr_measured_with', '?')} trigger; evaluated on {report.get('evaluated_on', '?')}")
     lines.append(f"pruned {report.get('pruned_filters', '?')} of {report.get('total_filters', '?')} filters, "

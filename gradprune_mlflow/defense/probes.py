@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
@@ -135,28 +136,25 @@ def relative_size(result: FamilyResult, k: int) -> float:
     return float(sizes[result.column(k)] / sizes.median().clamp_min(1e-12))
 
 
-def evidence(detection: Detection, by_family: dict[str, FamilyResult], index: dict[str, torch.Tensor],
-             hits: list[PatchHit], noise: list[float], *, patch_threshold: float, noise_threshold: float,
-             relative_threshold: float) -> list[dict]:
-    """Each detector's evidence for its strongest class, in the order `decide` consults them: {"detector", "class",
-    "score", "threshold", "fires"}. The blend rule's score is the class's blend strength over the median class's and
-    fires below its threshold, and only where the anomaly index is above its own; the anomaly index alone never flags
-    (see decide) and is listed so that a reviewer sees how far each family's top class stood out."""
+def evidence(by_family: dict[str, FamilyResult], index: dict[str, torch.Tensor], hits: list[PatchHit],
+             noise: list[float], blend: list[float], t: Thresholds) -> list[dict]:
+    """Each detector's evidence for its strongest class: {"detector", "class", "score", "threshold", "fires"}.
+    The blend anomaly's score is the class's blend strength over the median class's, for the class whose index and
+    strength together are strongest; each family's anomaly index is listed so that a reviewer sees how far its top
+    class stood out, and never fires alone."""
     out = []
     if hits:
         best = max(hits, key=lambda h: h.best)
         out.append({"detector": "patch_probe", "class": best.target, "score": round(best.best, 4),
-                    "threshold": patch_threshold, "fires": best.best >= patch_threshold})
+                    "threshold": t.patch_threshold, "fires": best.best >= t.patch_threshold})
     if noise:
         top = max(range(len(noise)), key=noise.__getitem__)
         out.append({"detector": "noise_probe", "class": top, "score": round(noise[top], 4),
-                    "threshold": noise_threshold, "fires": noise[top] > noise_threshold})
+                    "threshold": t.noise_threshold, "fires": noise[top] >= t.noise_threshold})
     if "blend" in by_family:
-        k = int(index["blend"].argmax())
-        rel = relative_size(by_family["blend"], k)
-        out.append({"detector": "blend_anomaly", "class": k, "score": round(rel, 4), "threshold": relative_threshold,
-                    "fires": bool(detection.flagged and detection.family == "blend" and detection.target == k
-                                  and rel < relative_threshold)})
+        k = max(range(len(blend)), key=blend.__getitem__)
+        out.append({"detector": "blend_anomaly", "class": k, "score": round(relative_size(by_family["blend"], k), 4),
+                    "threshold": t.relative_size, "fires": blend[k] >= 1.0})
     for family, idx in index.items():
         k = int(idx.argmax())
         out.append({"detector": f"{family}_anomaly_index", "class": k, "score": round(float(idx[k]), 4),
@@ -164,40 +162,42 @@ def evidence(detection: Detection, by_family: dict[str, FamilyResult], index: di
     return out
 
 
-def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHit], noise: list[float], *,
-           patch_threshold: float, noise_threshold: float, relative_threshold: float
-           ) -> tuple[Detection, PatchHit | None]:
-    """Flag a class on evidence, strongest first; returns the detection and the patch probe's hit when it flagged.
+def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHit], noise: list[float],
+           t: Thresholds) -> tuple[Detection, PatchHit | None]:
+    """Score every class on every detector's evidence (defense/evidence.py) and flag the best class when its score
+    reaches the flag threshold; returns the detection and, when the patch probe led the flag, its hit.
 
-    1. patch probe: a tiny square sends at least `patch_threshold` of the other classes' images to the class;
-    2. noise probe: uniform noise sends more than `noise_threshold` of them there;
-    3. blend family: the anomaly index is above its threshold (`detection.flagged`) *and* the class's blend strength
-       is below `relative_threshold` times the median class's.
-    The anomaly index alone flags nothing: on clean models the top class can score as high as backdoor targets do.
-    What sets it apart is its blend strength relative to the median class's, well above that of SIG's and Blend's
-    targets (benchmarks/results/probe-detection.md).
+    The detectors: the patch probe (a tiny square sends most of the other classes' images to the class), the noise
+    probe (uniform noise does), and the blend anomaly (the class's anomaly index in the blend family *and* its blend
+    strength against the median class's). The anomaly index alone is no detector: on clean models the top class can
+    score as high as backdoor targets do; what sets a target apart is its blend strength relative to the median
+    class's (benchmarks/results/probe-detection.md). The lead detector says how the flagged class is unlearned: as
+    the probe's square (patch family) or as a blend. Unflagged, the detection keeps the top anomaly index's class.
     """
     by_family = {r.family: r for r in results}
     index = {r.family: anomaly_index(r.class_sizes()) for r in results}
+    num_classes = len(noise)
+    best_by_class = {h.target: h for h in hits}
+    patch = [best_by_class[k].best if k in best_by_class else 0.0 for k in range(num_classes)]
+    blend_family = by_family.get("blend")
+    if blend_family is not None:
+        blend_index = [float(index["blend"][blend_family.column(k)]) for k in range(num_classes)]
+        blend_relative = [relative_size(blend_family, k) for k in range(num_classes)]
+    else:
+        blend_index, blend_relative = [0.0] * num_classes, [1.0] * num_classes
+    by_detector = strengths(patch, noise, blend_index, blend_relative, t)
+    score = flag_score(by_detector, t)
     probes = {"patch": [h.to_report() for h in hits], "noise": [round(r, 4) for r in noise],
-              "evidence": evidence(detection, by_family, index, hits, noise, patch_threshold=patch_threshold,
-                                   noise_threshold=noise_threshold, relative_threshold=relative_threshold)}
-
-    def flag(target: int, family: str, by: str) -> Detection:
-        res = by_family[family]
-        return Detection(target, float(index[family][res.column(target)]), True, family, detection.per_family, by,
-                         probes)
-
-    best_hit = max(hits, key=lambda h: h.best) if hits else None
-    if best_hit is not None and best_hit.best >= patch_threshold:
-        return flag(best_hit.target, "patch", "patch_probe"), best_hit
-    top = max(range(len(noise)), key=noise.__getitem__)
-    if noise[top] > noise_threshold:
-        return flag(top, "blend", "noise_probe"), None
-    if detection.flagged and detection.family == "blend" and \
-            relative_size(by_family["blend"], detection.target) < relative_threshold:
-        return flag(detection.target, "blend", "anomaly_index"), None
-    return replace(detection, flagged=False, flagged_by=None, probes=probes), None
+              "evidence": evidence(by_family, index, hits, noise, by_detector["blend_anomaly"], t)}
+    if score.verdict != "flagged":
+        return replace(detection, flagged=False, flagged_by=None, probes=probes, score=score.to_report()), None
+    k, lead = score.best.target, score.best.lead
+    family = "patch" if lead == "patch_probe" and k in best_by_class else "blend"
+    res = by_family[family]
+    flagged_by = {"patch_probe": "patch_probe", "noise_probe": "noise_probe"}.get(lead, "anomaly_index")
+    flagged = Detection(k, float(index[family][res.column(k)]), True, family, detection.per_family, flagged_by,
+                        probes, score.to_report())
+    return flagged, best_by_class[k] if family == "patch" else None
 
 
 def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator: torch.Generator, progress: Progress
@@ -210,7 +210,5 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
                for family in FAMILIES]
     hits = patch_probe(net, data, next(r for r in results if r.family == "patch"))
     noise = noise_responses(net, data, num_classes, cfg.seed)
-    detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise,
-                            patch_threshold=cfg.patch_threshold, noise_threshold=cfg.noise_threshold,
-                            relative_threshold=cfg.relative_size)
+    detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise, Thresholds.of(cfg))
     return detection, results, hit, noise

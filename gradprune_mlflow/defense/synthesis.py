@@ -190,11 +190,12 @@ class Detection:
     # What flagged the class: "patch_probe", "noise_probe" or "anomaly_index" (None when nothing was flagged).
     flagged_by: str | None = None
     probes: dict | None = None  # the probes' per-class responses (gradprune_mlflow.defense.probes)
+    score: dict | None = None  # the flag score, its verdict and each detector's part (defense/evidence.py)
 
     def to_report(self) -> dict:
         return {"target": self.target, "anomaly_index": round(self.anomaly_index, 4), "flagged": self.flagged,
-                "flagged_by": self.flagged_by, "family": self.family, "per_family": self.per_family,
-                "probes": self.probes}
+                "flagged_by": self.flagged_by, "family": self.family, "score": self.score,
+                "per_family": self.per_family, "probes": self.probes}
 
 
 def detect(results: list[FamilyResult], threshold: float) -> Detection:

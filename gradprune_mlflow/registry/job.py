@@ -38,7 +38,7 @@ from gradprune_mlflow.registry.register import (
 )
 from gradprune_mlflow.registry.source import SourceModel, check_input_shape, load_source
 from gradprune_mlflow.report import review
-from gradprune_mlflow.report.summary import unverified_reason, verification_failed
+from gradprune_mlflow.report.summary import suspect, suspect_reason, unverified_reason, verification_failed
 
 
 @dataclass
@@ -226,7 +226,8 @@ def register(held: Claim, run_id: str, result, source: SourceModel, inputs: Inpu
 def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_version: str | None,
             client: MlflowClient | None = None) -> Outcome:
     """Write the final status and end the run: sanitized; unverified when the independent search still found a trigger
-    in the registered version (it has no alias); clean when nothing was flagged and no model came out."""
+    in the registered version (it has no alias); suspect when nothing was flagged and no model came out but the flag
+    score is in the suspect band; clean otherwise."""
     client = client or MlflowClient()
     extra = {"run_id": run_id}
     if sanitized_version:
@@ -237,6 +238,10 @@ def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_ver
         status, reason = T.UNVERIFIED, unverified_reason(result.report, sanitized_version)
     elif sanitized_version:
         status, reason = T.SANITIZED, None
+    elif suspect(result.report):
+        status = T.SUSPECT
+        reason = (f"{suspect_reason(result.report)}; nothing registered (on_clean=skip): review the model, or "
+                  "sanitize it anyway by deleting its gradprune.status tag and scanning with --set on_clean=sanitize")
     else:
         status, reason = T.CLEAN, "no backdoor flagged; nothing registered (on_clean=skip)"
     finish(client, held, status, reason, **extra)

@@ -41,7 +41,9 @@ EXPERIMENT = "gradprune"
 RUNNING, SANITIZED, CLEAN = "running", "sanitized", "clean"
 # A sanitized version was registered, but the independent search still found a trigger in it: no alias, review it.
 UNVERIFIED = "unverified"
+# Nothing was flagged, but the flag score is above the development clean models': nothing registered, review it.
+SUSPECT = "suspect"
 REJECTED, UNSAFE, UNSUPPORTED, FAILED = "rejected", "unsafe", "unsupported", "failed"
-STATUSES = (RUNNING, SANITIZED, CLEAN, UNVERIFIED, REJECTED, UNSAFE, UNSUPPORTED, FAILED)
+STATUSES = (RUNNING, SANITIZED, CLEAN, UNVERIFIED, SUSPECT, REJECTED, UNSAFE, UNSUPPORTED, FAILED)
 # MLflow caps tag values at 5000 characters (8000 on newer servers); reasons are cut well below that.
 MAX_REASON = 2000

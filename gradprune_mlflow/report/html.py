@@ -62,11 +62,20 @@ def _facts(report: dict[str, Any]) -> str:
              ("trigger", report.get("trigger_source")), ("detected target class", det.get("target")),
              ("anomaly index", det.get("anomaly_index")), ("flagged", det.get("flagged")),
              ("flagged by", det.get("flagged_by")),
+             ("flag score", _score(det.get("score"))),
              ("filters pruned", f"{report.get('pruned_filters')} of {report.get('total_filters')}"),
              ("fine-tuning epochs", report.get("finetune_epochs")), ("evaluated on", report.get("evaluated_on")),
              ("evaluated images", report.get("evaluated_images"))]
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts if v is not None)
     return f"<table id='facts'>{rows}</table>"
+
+
+def _score(score: dict | None) -> str | None:
+    if not score:
+        return None
+    from gradprune_mlflow.defense.evidence import describe
+
+    return f"{score['verdict']}: {describe(score)}"
 
 
 def _figure(caption: str, image: Any) -> str:

@@ -46,7 +46,9 @@ def how_measured(report: dict[str, Any]) -> str:
         if det.get("flagged"):  # older reports, from before the probes, have no flagged_by
             by = det.get("flagged_by")
             flagged = f"flagged by the {by.replace('_', ' ')}" if by else "flagged"
-        trigger += f" (class {det.get('target')} {flagged}, anomaly index {index})"
+        score = det.get("score") or {}
+        scored = f", flag score {score['value']:.2f} of {score['threshold']:.2f}, {score['verdict']}" if score else ""
+        trigger += f" (class {det.get('target')} {flagged}, anomaly index {index}{scored})"
     return (f"Trigger: {trigger}; attack measured with the {report.get('asr_measured_with', '?')} trigger; "
             f"evaluated on {report.get('evaluated_on', '?')}. Pruned {report.get('pruned_filters', '?')} of "
             f"{report.get('total_filters', '?')} filters ({report.get('mode', '?')} mode).")
@@ -67,6 +69,18 @@ def verification_finding(report: dict[str, Any]) -> str:
     return (f"an independent search on {v.get('images', '?')} held-out images found a working trigger for class "
             f"{v.get('class', '?')}{same} ({v.get('family', '?')} family, flagged by the {by}, anomaly index {index}, "
             f"synthesized-trigger success rate {pct(v.get('synthesized_trigger_success_rate'))})")
+
+
+def suspect(report: dict[str, Any]) -> bool:
+    """Whether nothing was flagged but the flag score is in the suspect band."""
+    return ((report.get("detection") or {}).get("score") or {}).get("verdict") == "suspect"
+
+
+def suspect_reason(report: dict[str, Any]) -> str:
+    """The one-line reason of a suspect model: its score and each detector's part."""
+    from gradprune_mlflow.defense.evidence import describe
+
+    return f"suspect, not flagged: {describe(report['detection']['score'])}"
 
 
 def unverified_reason(report: dict[str, Any], sanitized_version: str) -> str:

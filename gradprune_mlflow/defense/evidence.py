@@ -1,0 +1,129 @@
+"""The flag decision as one score per class, made from every detector's evidence.
+
+Each detector's evidence for a class is first put on a common scale, its *strength*: the evidence over the detector's
+own threshold, so that 1 is where that detector alone would fire. A logistic curve turns a strength into the
+detector's *vote* (0.5 at its threshold, `slope` sets how fast it rises), and a class's score is the chance that at
+least one vote is right (noisy-or): two detectors close to their thresholds add up, as one far above its own does.
+The model's score is its best class's. At or above `flag_threshold` that class is flagged; between the
+`suspect_threshold` (chosen above the scores of the development clean models, docs/algorithm.md) and the flag
+threshold the model is *suspect*: no detector is sure, but the evidence is stronger than clean models show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# The detectors that vote, in the order a tie is broken (the patch probe's square is the most concrete trigger).
+DETECTORS = ("patch_probe", "noise_probe", "blend_anomaly")
+VERDICTS = ("flagged", "suspect", "clean")
+# Strengths are capped here so that a report stays finite (any strength this large votes 1).
+MAX_STRENGTH = 1000.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where each detector alone fires, and the score's two thresholds (SanitizeConfig's fields of the same names)."""
+
+    patch_threshold: float
+    noise_threshold: float
+    anomaly_threshold: float
+    relative_size: float
+    flag_slope: float
+    flag_threshold: float
+    suspect_threshold: float
+
+    @classmethod
+    def of(cls, cfg) -> Thresholds:
+        """The thresholds of a SanitizeConfig or the evaluator's EvalConfig."""
+        return cls(cfg.patch_threshold, cfg.noise_threshold, cfg.anomaly_threshold, cfg.relative_size,
+                   cfg.flag_slope, cfg.flag_threshold, cfg.suspect_threshold)
+
+
+def strengths(patch: Sequence[float], noise: Sequence[float], blend_index: Sequence[float],
+              blend_relative: Sequence[float], t: Thresholds) -> dict[str, list[float]]:
+    """Per detector, per class: its evidence over its own threshold.
+
+    patch: the patch probe's best response; noise: the noise probe's response; blend: the class's anomaly index in the
+    blend family *and* its blend strength relative to the median class's, which must both pass (an easy natural class
+    can have a high index, never also a much weaker blend: probes.decide), so the weaker of the two counts.
+    """
+    blend = [min(_over(i, t.anomaly_threshold), _over(t.relative_size, r))
+             for i, r in zip(blend_index, blend_relative, strict=True)]
+    return {"patch_probe": [_over(p, t.patch_threshold) for p in patch],
+            "noise_probe": [_over(n, t.noise_threshold) for n in noise],
+            "blend_anomaly": blend}
+
+
+def _over(evidence: float, threshold: float) -> float:
+    """evidence / threshold, capped at MAX_STRENGTH (a threshold of 0 always fires)."""
+    return min(evidence / threshold, MAX_STRENGTH) if threshold > 0 else MAX_STRENGTH
+
+
+def vote(strength: float, slope: float) -> float:
+    """A detector's vote for a class: 0.5 at its threshold (strength 1), towards 1 above it and 0 below."""
+    return 1.0 / (1.0 + math.exp(-slope * (strength - 1.0)))
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class's score and what made it: each detector's strength and vote."""
+
+    target: int
+    score: float
+    strengths: dict[str, float]
+    votes: dict[str, float]
+
+    @property
+    def lead(self) -> str:
+        """The detector with the largest vote (ties in DETECTORS' order): what the class is unlearned as."""
+        return max(DETECTORS, key=lambda d: (self.votes[d], -DETECTORS.index(d)))
+
+
+def class_scores(by_detector: dict[str, list[float]], slope: float) -> list[ClassScore]:
+    """Every class's noisy-or score of its detectors' votes."""
+    out = []
+    for k in range(len(by_detector[DETECTORS[0]])):
+        s = {d: by_detector[d][k] for d in DETECTORS}
+        v = {d: vote(s[d], slope) for d in DETECTORS}
+        out.append(ClassScore(k, 1.0 - math.prod(1.0 - x for x in v.values()), s, v))
+    return out
+
+
+@dataclass(frozen=True)
+class FlagScore:
+    """The model's score (its best class's) against the two thresholds."""
+
+    best: ClassScore
+    flag_threshold: float
+    suspect_threshold: float
+
+    @property
+    def verdict(self) -> str:
+        if self.best.score >= self.flag_threshold:
+            return "flagged"
+        return "suspect" if self.best.score >= self.suspect_threshold else "clean"
+
+    def to_report(self) -> dict:
+        """report.json's detection.score (docs/contracts.md)."""
+        b = self.best
+        return {"verdict": self.verdict, "value": round(b.score, 4), "class": b.target, "lead": b.lead,
+                "threshold": self.flag_threshold, "suspect_threshold": self.suspect_threshold,
+                "contributions": {d: {"strength": round(b.strengths[d], 4), "vote": round(b.votes[d], 4)}
+                                  for d in DETECTORS}}
+
+
+def flag_score(by_detector: dict[str, list[float]], t: Thresholds) -> FlagScore:
+    """The best class's score (ties to the lower class) and its verdict."""
+    scores = class_scores(by_detector, t.flag_slope)
+    best = max(scores, key=lambda c: (c.score, -c.target))
+    return FlagScore(best, t.flag_threshold, t.suspect_threshold)
+
+
+def describe(score: dict) -> str:
+    """One line for a reviewer: the score against its thresholds and each detector's part, strongest first."""
+    parts = sorted(score["contributions"].items(), key=lambda kv: -kv[1]["vote"])
+    said = ", ".join(f"{d.replace('_', ' ')} {c['strength']:.2f} of its threshold" for d, c in parts)
+    return (f"flag score {score['value']:.2f} for class {score['class']} (flagged at {score['threshold']:.2f}, "
+            f"suspect from {score['suspect_threshold']:.2f}): {said}")

@@ -1,0 +1,69 @@
+"""The flag score: each detector's evidence on one scale, combined into one score per class, and its verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.defense.evidence import DETECTORS, Thresholds, class_scores, describe, flag_score, strengths, vote
+from gradprune_mlflow.errors import BadInput
+
+T = Thresholds(patch_threshold=0.9, noise_threshold=0.5, anomaly_threshold=2.0, relative_size=0.5, flag_slope=4.0,
+               flag_threshold=0.5, suspect_threshold=0.35)
+
+
+def _evidence(patch=(0.1, 0.1, 0.1), noise=(0.0, 0.0, 0.0), index=(0.0, 0.0, 0.0), relative=(1.0, 1.0, 1.0)):
+    return strengths(list(patch), list(noise), list(index), list(relative), T)
+
+
+def test_a_detector_at_its_own_threshold_votes_one_half_and_the_vote_rises_with_the_evidence():
+    assert vote(1.0, 4.0) == pytest.approx(0.5)
+    assert vote(0.5, 4.0) < vote(0.9, 4.0) < 0.5 < vote(1.1, 4.0) < vote(2.0, 4.0)
+    assert vote(0.9, 8.0) < vote(0.9, 4.0)  # a steeper slope listens less to evidence below the threshold
+
+
+def test_strengths_put_each_detector_over_its_own_threshold():
+    s = _evidence(patch=(0.9, 0.45, 0.0), noise=(0.0, 0.5, 0.25), index=(4.0, 1.0, 4.0), relative=(0.25, 0.25, 1.0))
+    assert s["patch_probe"] == pytest.approx([1.0, 0.5, 0.0])
+    assert s["noise_probe"] == pytest.approx([0.0, 1.0, 0.5])
+    # the blend anomaly needs both: the index over 2 and the strength under half the median's; the weaker counts
+    assert s["blend_anomaly"] == pytest.approx([2.0, 0.5, 0.5])
+
+
+def test_one_detector_at_its_threshold_flags_as_it_did_alone():
+    for k, detector in enumerate(DETECTORS):
+        evidence = {d: [0.0] * 3 for d in DETECTORS}
+        evidence[detector][k] = 1.0
+        score = flag_score(evidence, T)
+        assert (score.verdict, score.best.target, score.best.lead) == ("flagged", k, detector)
+
+
+def test_the_score_combines_votes_as_a_noisy_or_and_the_best_class_wins():
+    evidence = {"patch_probe": [0.9, 0.0], "noise_probe": [0.9, 0.0], "blend_anomaly": [0.0, 0.95]}
+    scores = class_scores(evidence, 4.0)
+    p, n, b = (vote(s, 4.0) for s in (0.9, 0.9, 0.0))
+    assert scores[0].score == pytest.approx(1 - (1 - p) * (1 - n) * (1 - b))
+    assert scores[0].score > scores[1].score  # two detectors at 0.9 beat one at 0.95
+    assert flag_score(evidence, T).best.target == 0
+
+
+def test_verdicts_and_report():
+    evidence = {"patch_probe": [0.7, 0.1], "noise_probe": [0.7, 0.0], "blend_anomaly": [0.0, 0.0]}
+    score = flag_score(evidence, T)
+    assert score.verdict == "suspect"
+    report = score.to_report()
+    assert report["verdict"] == "suspect" and report["class"] == 0 and report["threshold"] == 0.5
+    assert set(report["contributions"]) == set(DETECTORS)
+    assert report["contributions"]["patch_probe"] == {"strength": 0.7, "vote": round(vote(0.7, 4.0), 4)}
+    line = describe(report)
+    assert line.startswith(f"flag score {report['value']:.2f} for class 0") and "patch probe 0.70" in line
+    quiet = flag_score({d: [0.0, 0.0] for d in DETECTORS}, T)
+    assert quiet.verdict == "clean" and quiet.best.target == 0
+
+
+def test_the_configuration_gives_the_thresholds_and_refuses_bad_ones():
+    t = Thresholds.of(SanitizeConfig())
+    assert t.flag_threshold == SanitizeConfig.flag_threshold and t.suspect_threshold <= t.flag_threshold
+    for bad in ({"flag_slope": 0}, {"suspect_threshold": 0.6}, {"flag_threshold": 1.0}, {"suspect_threshold": 0.0}):
+        with pytest.raises(BadInput):
+            SanitizeConfig().with_overrides(**bad)
