@@ -103,17 +103,16 @@ def write_report(stem: Path, rows: list[dict[str, str]], defenses: list[str], pr
     if args.split == "test" and args.accept_changed_config:
         header += ["", f"**Configuration changed after the last development run**, accepted because: "
                        f"{args.accept_changed_config}"]
-    roc = stem.with_name(stem.name + "-roc.png")
+    roc = detection.plot(rows, stem.with_name(stem.name + "-roc.png"))  # None when no ROC can be drawn
     header += [
         "", f"## Overview ({label})", "", tables.overview(rows, defenses),
         "## Goals (largest clean budget)", "", tables.goals_markdown(rows), "",
         "## What pruning adds over unlearning fine-tuning alone", "", tables.pruning_worth(rows), "",
-        f"## Detection ({label})", "", detection.markdown(rows, roc.name), "",
+        f"## Detection ({label})", "", detection.markdown(rows, roc.name if roc else None), "",
         f"## Tables ({label})", "",
     ]
     stem.with_suffix(".md").write_text("\n".join(header) + tables.markdown(rows, defenses))
     tables.plot(rows, defenses, stem.with_suffix(".png"))
-    detection.plot(rows, roc)
 
 
 def _commit() -> str:

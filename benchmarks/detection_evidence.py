@@ -8,7 +8,8 @@ model with the configuration's rule (defense/evidence.py).
 
     python benchmarks/detection_evidence.py --preset zoo-cpu --archs small_cnn --per-class 50 --split dev
     python benchmarks/detection_evidence.py --preset zoo-cpu-quick --split test
-    python benchmarks/detection_evidence.py --score benchmarks/results/detection-evidence-dev.jsonl
+    python benchmarks/detection_evidence.py --score benchmarks/results/detection-evidence-dev.jsonl \
+        --slope 3 4 6 8 --md benchmarks/results/flag-score-dev.md
 
 Resumable: models already in the output file are skipped.
 """
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -107,17 +110,70 @@ def summary(rows: list[dict], t: Thresholds) -> dict:
             "auroc": auroc([s.best.score for s in clean], [s.best.score for _, s in bad])}
 
 
+def _first_rule(row: dict) -> str:
+    return f"class {row['flagged_target']} by {row['flagged_by']}" if row["flagged"] else "not flagged"
+
+
 def score_table(rows: list[dict], t: Thresholds) -> str:
     """Markdown: every model's flag score, verdict, class and lead detector under thresholds `t`."""
-    lines = ["| arch | attack | seed | target | score | verdict | class | lead | patch | noise | blend |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | attack | seed | target | score | verdict | class | lead | patch | noise | blend | decision "
+             "when collected |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["attack"] != CLEAN, r["arch"], r["attack"], r["seed"])):
         s = scored(r, t)
         st = s.best.strengths
         lines.append(f"| {r['arch']} | {r['attack']} | {r['seed']} | {'-' if r['target'] is None else r['target']} "
                      f"| {s.best.score:.3f} | {s.verdict} | {s.best.target} | {s.best.lead} | "
-                     f"{st['patch_probe']:.2f} | {st['noise_probe']:.2f} | {st['blend_anomaly']:.2f} |")
+                     f"{st['patch_probe']:.2f} | {st['noise_probe']:.2f} | {st['blend_anomaly']:.2f} | "
+                     f"{_first_rule(r)} |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], t: Thresholds, path: Path) -> Path:
+    """Every model's flag score on one axis, clean and each attack on its own line, with both thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({r["attack"] for r in rows}, key=lambda a: (a != CLEAN, a))
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(groups) + 1.2))
+    for y, attack in enumerate(groups):
+        scores = [scored(r, t).best.score for r in rows if r["attack"] == attack]
+        ax.scatter(scores, [y] * len(scores), s=22, color="tab:green" if attack == CLEAN else "tab:red", alpha=0.7)
+    ax.axvline(t.suspect_threshold, color="orange", ls="--", label=f"suspect from {t.suspect_threshold}")
+    ax.axvline(t.flag_threshold, color="black", ls="-", label=f"flagged at {t.flag_threshold}")
+    ax.set(yticks=range(len(groups)), yticklabels=groups, xlim=(0, 1), xlabel="flag score (best class)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[dict], slopes: list[float], source: Path, md: Path) -> None:
+    """The summary per slope, the default configuration's table of every model and its plot, under a header that
+    says the command, the date, the commit and which split the models are of."""
+    cfg = SanitizeConfig()
+    splits = sorted({r["split"] for r in rows})
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    lines = [f"# Flag score on the {' and '.join(splits)} models", "",
+             f"`python benchmarks/detection_evidence.py --score {source} --slope {' '.join(map(str, slopes))} "
+             f"--md {md}`, written {date.today()} at commit {commit}; evidence from "
+             f"{', '.join(sorted({r['preset'] for r in rows}))}, {rows[0]['per_class']} trusted images per class. "
+             f"Defaults: flag_slope {cfg.flag_slope}, flag_threshold {cfg.flag_threshold}, suspect_threshold "
+             f"{cfg.suspect_threshold}.", "",
+             "| flag_slope | clean models: highest score | clean flagged | clean suspect | right target (single "
+             "target) | backdoored suspect | AUROC |", "|---|---|---|---|---|---|---|"]
+    for slope in slopes:
+        s = summary(rows, Thresholds.of(cfg.with_overrides(flag_slope=slope)))
+        lines.append(f"| {slope} | {s['clean_max']:.3f} | {s['clean_flagged']}/{s['clean']} | "
+                     f"{s['clean_suspect']}/{s['clean']} | {s['right_target']}/{s['single_target']} | "
+                     f"{s['backdoored_suspect']}/{s['backdoored']} | {s['auroc']:.3f} |")
+    png = plot(rows, Thresholds.of(cfg), md.with_suffix(".png"))
+    lines += ["", f"Every model at the defaults ([{png.name}]({png.name})); strengths are each detector's evidence "
+              "over its own threshold for the best class:", "", score_table(rows, Thresholds.of(cfg)), ""]
+    md.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
     p.add_argument("--slope", type=float, nargs="+", help="with --score: flag_slope values to compare")
+    p.add_argument("--md", help="with --score: write the tables to this markdown file (and its plot beside it)")
     args = p.parse_args(argv)
     if args.score:
         rows = [json.loads(line) for line in Path(args.score).read_text().splitlines()]
@@ -139,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             t = Thresholds.of(cfg.with_overrides(flag_slope=slope))
             print(f"flag_slope {slope}: {json.dumps(summary(rows, t))}")
         print(score_table(rows, Thresholds.of(cfg)))
+        if args.md:
+            write_report(rows, args.slope or [cfg.flag_slope], Path(args.score), Path(args.md))
         return 0
     args.out = args.out or str(HERE / "results" / f"detection-evidence-{args.split}.jsonl")
     collect(args)

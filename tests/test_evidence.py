@@ -67,3 +67,40 @@ def test_the_configuration_gives_the_thresholds_and_refuses_bad_ones():
     for bad in ({"flag_slope": 0}, {"suspect_threshold": 0.6}, {"flag_threshold": 1.0}, {"suspect_threshold": 0.0}):
         with pytest.raises(BadInput):
             SanitizeConfig().with_overrides(**bad)
+
+
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks/detection_evidence.py"
+    spec = importlib.util.spec_from_file_location("detection_evidence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _line(attack, target, patch=0.1, noise=0.0, index=0.0, relative=1.0, k=3, at=0):
+    c = {"patch_probe": [0.1] * k, "noise_probe": [0.0] * k, "blend_index": [0.0] * k, "blend_relative": [1.0] * k}
+    c["patch_probe"][at], c["noise_probe"][at], c["blend_index"][at], c["blend_relative"][at] = (patch, noise, index,
+                                                                                                  relative)
+    return {"preset": "p", "split": "dev", "arch": "small_cnn", "attack": attack, "seed": 0, "per_class": 50,
+            "target": target, "flagged": False, "flagged_target": None, "flagged_by": None, "classes": c}
+
+
+def test_the_evidence_script_scores_saved_evidence_without_detecting_again(tmp_path):
+    script = _script()
+    rows = [_line("clean", None), _line("clean", None, patch=0.75, at=1),  # a clean model short of a flag
+            _line("badnets", 0, patch=0.99), _line("signal", 0, noise=0.45, index=3.0, relative=0.6),
+            _line("wanet", 0, patch=0.8, at=2)]  # flagged at the wrong class it would be, were it flagged
+    s = script.summary(rows, T)
+    assert (s["clean"], s["backdoored"], s["clean_flagged"], s["right_target"], s["single_target"]) == (2, 3, 0, 2, 3)
+    assert s["clean_max"] == pytest.approx(script.scored(rows[1], T).best.score) and s["clean_suspect"] == 1
+    assert 0.5 < s["auroc"] <= 1.0
+    source = tmp_path / "evidence.jsonl"
+    source.write_text("\n".join(map(__import__("json").dumps, rows)))
+    md = tmp_path / "flag-score.md"
+    script.write_report(rows, [4.0, 8.0], source, md)
+    text = md.read_text()
+    assert "| 4.0 |" in text and "| 8.0 |" in text and "| small_cnn | signal | 0 | 0 |" in text
+    assert md.with_suffix(".png").stat().st_size > 5_000

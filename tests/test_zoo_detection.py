@@ -66,6 +66,14 @@ def test_detection_markdown_lists_each_budget_and_skips_rows_without_a_detection
     assert "| neural-cleanse | 50 | 1 / 1 | 0.000 | 0/1 (0%) | 0/1 (0%) | 0/1 (0%) | n/a |" in md
     assert "grad-prune-free |" not in md.split("<details>")[0]  # its only row has no `flagged`
     assert detection.plot(rows, tmp_path / "roc.png").stat().st_size > 5_000
+    assert "ROC curves: [x-roc.png](x-roc.png)" in md
+
+
+def test_clean_models_alone_get_no_roc_and_no_link_to_one(tmp_path):
+    rows = [_row("clean", 0.5, False, 3), _row("clean", 0.7, False, 3, seed=2)]
+    assert detection.plot(rows, tmp_path / "roc.png") is None and not (tmp_path / "roc.png").exists()
+    md = detection.markdown(rows, None)
+    assert "ROC curves" not in md and "| neural-cleanse | 20 | 2 / 0 |" in md
 
 
 def test_clean_models_have_no_asr_in_the_tables():

@@ -131,14 +131,15 @@ def _frac(pair: tuple[int, int]) -> str:
     return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "n/a"
 
 
-def markdown(rows: list[dict[str, str]], roc_name: str) -> str:
-    """The detection table per defense and clean budget, the ROC plot's link and every model's score."""
+def markdown(rows: list[dict[str, str]], roc_name: str | None) -> str:
+    """The detection table per defense and clean budget, the ROC plot's link (when there is one: a ROC needs clean and
+    backdoored models) and every model's score."""
     present = [d for d in SCORES if any(r["defense"] == d for r in rows)]
     if not present:
         return "No trigger-free defense with a detection in these rows."
+    curves = f" ROC curves: [{roc_name}]({roc_name})." if roc_name else ""
     lines = [f"Clean models are the negatives, backdoored ones the positives; score: the anomaly index. "
-             f"False positives and detections at each defense's own threshold (`flagged`). ROC curves: "
-             f"[{roc_name}]({roc_name}).", "",
+             f"False positives and detections at each defense's own threshold (`flagged`).{curves}", "",
              "| defense | per class | clean / backdoored | AUROC | false positives | detected | right target "
              "(all-to-one) | flagged (all-to-all) |", "|---|---|---|---|---|---|---|---|"]
     listing = []

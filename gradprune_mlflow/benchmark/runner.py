@@ -121,8 +121,8 @@ class Eta:
 
     def __init__(self, todo: list[Job], start: float | None = None):
         self.left = [j.defense for j in todo]
-        self.start = last = time.perf_counter() if start is None else start
-        self.last, self.spent = last, {}
+        self.start = time.perf_counter() if start is None else start
+        self.last, self.spent = self.start, {}
 
     def done(self, job: Job, now: float) -> str:
         self.spent.setdefault(job.defense, []).append(now - self.last)
