@@ -9,7 +9,7 @@ model with the configuration's rule (defense/evidence.py).
     python benchmarks/detection_evidence.py --preset zoo-cpu --archs small_cnn --per-class 50 --split dev
     python benchmarks/detection_evidence.py --preset zoo-cpu-quick --split test
     python benchmarks/detection_evidence.py --score benchmarks/results/detection-evidence-dev.jsonl \
-        --slope 3 4 6 8 --md benchmarks/results/flag-score-dev.md
+        --slope 2 3 4 6 8 --calibrate --md benchmarks/results/flag-score-dev.md
 
 Resumable: models already in the output file are skipped.
 """
@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -107,11 +109,39 @@ def summary(rows: list[dict], t: Thresholds) -> dict:
             "right_target": sum(s.verdict == "flagged" and s.best.target == r["target"] for r, s in single),
             "single_target": len(single),
             "backdoored_suspect": sum(s.verdict == "suspect" for _, s in bad),
+            "backdoored_flagged": sum(s.verdict == "flagged" for _, s in bad),
             "auroc": auroc([s.best.score for s in clean], [s.best.score for _, s in bad])}
 
 
 def _first_rule(row: dict) -> str:
     return f"class {row['flagged_target']} by {row['flagged_by']}" if row["flagged"] else "not flagged"
+
+
+# The suspect threshold is set at the next multiple of this above the development clean models' highest score.
+SUSPECT_STEP = 0.05
+
+
+def calibrated(rows: list[dict], slope: float, cfg: SanitizeConfig) -> Thresholds:
+    """The configuration's thresholds with `slope`, and the suspect threshold just above the highest score of the
+    clean models in `rows` (the next multiple of SUSPECT_STEP, at most the flag threshold)."""
+    t = Thresholds.of(cfg.with_overrides(flag_slope=slope))
+    top = max(scored(r, t).best.score for r in rows if r["attack"] == CLEAN)
+    return replace(t, suspect_threshold=round(min((math.floor(top / SUSPECT_STEP) + 1) * SUSPECT_STEP,
+                                                  t.flag_threshold), 2))
+
+
+def choose(rows: list[dict], slopes: list[float], cfg: SanitizeConfig) -> Thresholds:
+    """The calibrated thresholds of the slope that flags no clean model of `rows` and the most single-target
+    backdoored ones at the right target, then leaves the fewest of those neither flagged nor suspect; ties to the
+    smaller slope. All-to-all models take no part: the zoo's CPU presets do not teach them their backdoor."""
+    single = [r for r in rows if r["attack"] == CLEAN or r["target"] is not None]
+
+    def merit(t: Thresholds):
+        s = summary(single, t)
+        return (s["clean_flagged"] == 0, s["right_target"], s["backdoored_suspect"] + s["backdoored_flagged"],
+                -t.flag_slope)
+
+    return max((calibrated(rows, slope, cfg) for slope in slopes), key=merit)
 
 
 def score_table(rows: list[dict], t: Thresholds) -> str:
@@ -150,29 +180,29 @@ def plot(rows: list[dict], t: Thresholds, path: Path) -> Path:
     return path
 
 
-def write_report(rows: list[dict], slopes: list[float], source: Path, md: Path) -> None:
-    """The summary per slope, the default configuration's table of every model and its plot, under a header that
-    says the command, the date, the commit and which split the models are of."""
-    cfg = SanitizeConfig()
-    splits = sorted({r["split"] for r in rows})
+def write_report(rows: list[dict], candidates: list[Thresholds], chosen: Thresholds, command: str, md: Path) -> None:
+    """The summary for each candidate's thresholds, every model's score under `chosen` and its plot, under a header
+    that says the command, the date, the commit and which split the models are of."""
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    lines = [f"# Flag score on the {' and '.join(splits)} models", "",
-             f"`python benchmarks/detection_evidence.py --score {source} --slope {' '.join(map(str, slopes))} "
-             f"--md {md}`, written {date.today()} at commit {commit}; evidence from "
-             f"{', '.join(sorted({r['preset'] for r in rows}))}, {rows[0]['per_class']} trusted images per class. "
-             f"Defaults: flag_slope {cfg.flag_slope}, flag_threshold {cfg.flag_threshold}, suspect_threshold "
-             f"{cfg.suspect_threshold}.", "",
-             "| flag_slope | clean models: highest score | clean flagged | clean suspect | right target (single "
-             "target) | backdoored suspect | AUROC |", "|---|---|---|---|---|---|---|"]
-    for slope in slopes:
-        s = summary(rows, Thresholds.of(cfg.with_overrides(flag_slope=slope)))
-        lines.append(f"| {slope} | {s['clean_max']:.3f} | {s['clean_flagged']}/{s['clean']} | "
-                     f"{s['clean_suspect']}/{s['clean']} | {s['right_target']}/{s['single_target']} | "
+    splits = " and ".join(sorted({r["split"] for r in rows}))
+    lines = [f"# Flag score on the {splits} models", "",
+             f"`{command}`, written {date.today()} at commit {commit}; evidence from "
+             f"{', '.join(sorted({r['preset'] for r in rows}))}, {rows[0]['per_class']} trusted images per class; "
+             f"flag_threshold {chosen.flag_threshold}.", "",
+             "| flag_slope | suspect_threshold | clean models: highest score | clean flagged | clean suspect | "
+             "right target (single target) | backdoored flagged | backdoored suspect | AUROC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in candidates:
+        s = summary(rows, t)
+        lines.append(f"| {t.flag_slope} | {t.suspect_threshold} | {s['clean_max']:.3f} | "
+                     f"{s['clean_flagged']}/{s['clean']} | {s['clean_suspect']}/{s['clean']} | "
+                     f"{s['right_target']}/{s['single_target']} | {s['backdoored_flagged']}/{s['backdoored']} | "
                      f"{s['backdoored_suspect']}/{s['backdoored']} | {s['auroc']:.3f} |")
-    png = plot(rows, Thresholds.of(cfg), md.with_suffix(".png"))
-    lines += ["", f"Every model at the defaults ([{png.name}]({png.name})); strengths are each detector's evidence "
-              "over its own threshold for the best class:", "", score_table(rows, Thresholds.of(cfg)), ""]
+    png = plot(rows, chosen, md.with_suffix(".png"))
+    lines += ["", f"Every model at flag_slope {chosen.flag_slope}, suspect_threshold {chosen.suspect_threshold} "
+              f"([{png.name}]({png.name})); strengths are each detector's evidence over its own threshold for the "
+              "best class:", "", score_table(rows, chosen), ""]
     md.write_text("\n".join(lines))
 
 
@@ -187,17 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
     p.add_argument("--slope", type=float, nargs="+", help="with --score: flag_slope values to compare")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --score: set each slope's suspect threshold just above the clean models' highest score "
+                        "and choose a slope (development lines only)")
     p.add_argument("--md", help="with --score: write the tables to this markdown file (and its plot beside it)")
     args = p.parse_args(argv)
     if args.score:
         rows = [json.loads(line) for line in Path(args.score).read_text().splitlines()]
         cfg = SanitizeConfig()
-        for slope in args.slope or [cfg.flag_slope]:
-            t = Thresholds.of(cfg.with_overrides(flag_slope=slope))
-            print(f"flag_slope {slope}: {json.dumps(summary(rows, t))}")
-        print(score_table(rows, Thresholds.of(cfg)))
+        slopes = args.slope or [cfg.flag_slope]
+        if args.calibrate:
+            candidates, chosen = [calibrated(rows, x, cfg) for x in slopes], choose(rows, slopes, cfg)
+        else:
+            candidates = [Thresholds.of(cfg.with_overrides(flag_slope=x)) for x in slopes]
+            chosen = Thresholds.of(cfg)
+        for t in candidates:
+            print(f"flag_slope {t.flag_slope}, suspect_threshold {t.suspect_threshold}: {json.dumps(summary(rows, t))}")
+        print(f"chosen: flag_slope {chosen.flag_slope}, suspect_threshold {chosen.suspect_threshold}")
+        print(score_table(rows, chosen))
         if args.md:
-            write_report(rows, args.slope or [cfg.flag_slope], Path(args.score), Path(args.md))
+            command = "python benchmarks/detection_evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            write_report(rows, candidates, chosen, command, Path(args.md))
         return 0
     args.out = args.out or str(HERE / "results" / f"detection-evidence-{args.split}.jsonl")
     collect(args)

@@ -100,7 +100,12 @@ def test_the_evidence_script_scores_saved_evidence_without_detecting_again(tmp_p
     source = tmp_path / "evidence.jsonl"
     source.write_text("\n".join(map(__import__("json").dumps, rows)))
     md = tmp_path / "flag-score.md"
-    script.write_report(rows, [4.0, 8.0], source, md)
+    assert script.main(["--score", str(source), "--slope", "4", "8", "--calibrate", "--md", str(md)]) == 0
     text = md.read_text()
     assert "| 4.0 |" in text and "| 8.0 |" in text and "| small_cnn | signal | 0 | 0 |" in text
     assert md.with_suffix(".png").stat().st_size > 5_000
+    # calibrated: the suspect threshold just above the clean models' highest score, so no clean model is suspect
+    t = script.calibrated(rows, 4.0, SanitizeConfig())
+    assert s["clean_max"] < t.suspect_threshold <= s["clean_max"] + script.SUSPECT_STEP
+    assert script.summary(rows, t)["clean_suspect"] == 0
+    assert script.choose(rows, [4.0, 8.0], SanitizeConfig()).flag_slope in (4.0, 8.0)
