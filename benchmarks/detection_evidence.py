@@ -39,6 +39,7 @@ from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import find_backdoor, relative_size
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.synthesis import anomaly_index
+from gradprune_mlflow.lab.attacks import AllToAllTrigger
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,6 +64,16 @@ def class_evidence(model, clean, seed: int) -> dict:
             "flagged_by": detection.flagged_by, "classes": out}
 
 
+def _target(attack: str, trigger) -> int | None:
+    """The backdoor's one target class; None for clean and all-to-all models."""
+    return None if attack == CLEAN or isinstance(trigger, AllToAllTrigger) else trigger.target
+
+
+def single_target(row: dict) -> int | None:
+    """A line's one target class (lines written before all-to-all lines said None gave the base trigger's)."""
+    return None if "all-to-all" in row["attack"] else row["target"]
+
+
 def collect(args) -> None:
     seeds = {"dev_seeds" if args.split == "dev" else "test_seeds": args.seeds}
     preset = PRESETS[args.preset].with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class,
@@ -82,7 +93,7 @@ def collect(args) -> None:
                 model, trigger = model_for(attack, arch, preset, seed, cache, torch.device("cpu"))
                 clean = lab.trusted_set(n, seed=seed, image=preset.image)
                 row = {"preset": preset.name, "split": args.split, "arch": arch, "attack": attack, "seed": seed,
-                       "per_class": n, "target": None if attack == CLEAN else getattr(trigger, "target", None),
+                       "per_class": n, "target": _target(attack, trigger),
                        **class_evidence(model, clean, seed), "seconds": round(time.perf_counter() - start, 1)}
                 with out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -101,7 +112,7 @@ def summary(rows: list[dict], t: Thresholds) -> dict:
     backdoored ones are flagged at the right target or suspect, and the score's AUROC (clean vs backdoored)."""
     clean = [scored(r, t) for r in rows if r["attack"] == CLEAN]
     bad = [(r, scored(r, t)) for r in rows if r["attack"] != CLEAN]
-    single = [(r, s) for r, s in bad if r["target"] is not None]
+    single = [(r, s) for r, s in bad if single_target(r) is not None]
     return {"clean": len(clean), "backdoored": len(bad),
             "clean_max": max((s.best.score for s in clean), default=float("nan")),
             "clean_flagged": sum(s.verdict == "flagged" for s in clean),
@@ -132,14 +143,15 @@ def calibrated(rows: list[dict], slope: float, cfg: SanitizeConfig) -> Threshold
 
 def choose(rows: list[dict], slopes: list[float], cfg: SanitizeConfig) -> Thresholds:
     """The calibrated thresholds of the slope that flags no clean model of `rows` and the most single-target
-    backdoored ones at the right target, then leaves the fewest of those neither flagged nor suspect; ties to the
-    smaller slope. All-to-all models take no part: the zoo's CPU presets do not teach them their backdoor."""
-    single = [r for r in rows if r["attack"] == CLEAN or r["target"] is not None]
+    backdoored ones at the right target, then leaves the fewest of those neither flagged nor suspect, then keeps the
+    clean models farthest below the flag threshold. All-to-all models take no part: the zoo's CPU presets do not
+    teach them their backdoor."""
+    single = [r for r in rows if r["attack"] == CLEAN or single_target(r) is not None]
 
     def merit(t: Thresholds):
         s = summary(single, t)
         return (s["clean_flagged"] == 0, s["right_target"], s["backdoored_suspect"] + s["backdoored_flagged"],
-                -t.flag_slope)
+                t.flag_threshold - s["clean_max"])
 
     return max((calibrated(rows, slope, cfg) for slope in slopes), key=merit)
 
@@ -151,7 +163,8 @@ def score_table(rows: list[dict], t: Thresholds) -> str:
     for r in sorted(rows, key=lambda r: (r["attack"] != CLEAN, r["arch"], r["attack"], r["seed"])):
         s = scored(r, t)
         st = s.best.strengths
-        lines.append(f"| {r['arch']} | {r['attack']} | {r['seed']} | {'-' if r['target'] is None else r['target']} "
+        target = single_target(r)
+        lines.append(f"| {r['arch']} | {r['attack']} | {r['seed']} | {'-' if target is None else target} "
                      f"| {s.best.score:.3f} | {s.verdict} | {s.best.target} | {s.best.lead} | "
                      f"{st['patch_probe']:.2f} | {st['noise_probe']:.2f} | {st['blend_anomaly']:.2f} | "
                      f"{_first_rule(r)} |")
