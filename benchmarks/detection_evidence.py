@@ -32,7 +32,7 @@ import torch
 from gradprune_mlflow import lab
 from gradprune_mlflow.benchmark.detection import auroc
 from gradprune_mlflow.benchmark.presets import CLEAN, PRESETS
-from gradprune_mlflow.benchmark.runner import model_for
+from gradprune_mlflow.benchmark.runner import measure, model_for
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.normalize import Normalized
@@ -74,6 +74,27 @@ def single_target(row: dict) -> int | None:
     return None if "all-to-all" in row["attack"] else row["target"]
 
 
+def _asr(attack: str, model, trigger, clean, preset) -> float | None:
+    """The real trigger's success rate on the preset's test images (None for a clean model): is the attack learned?"""
+    if attack == CLEAN:
+        return None
+    test = lab.test_data(preset.test_images, preset.image)
+    return round(measure(model, clean, trigger, test, torch.device("cpu"))["attack_success_rate"], 4)
+
+
+def fill_asr(path: Path) -> None:
+    """Add the attack success rate to the lines of `path` written without one (models from the cache)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        if "asr" not in row:
+            preset = PRESETS[row["preset"]]
+            model, trigger = model_for(row["attack"], row["arch"], preset, row["seed"], HERE / "cache",
+                                       torch.device("cpu"))
+            clean = lab.trusted_set(row["per_class"], seed=row["seed"], image=preset.image)
+            row["asr"] = _asr(row["attack"], model, trigger, clean, preset)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def collect(args) -> None:
     seeds = {"dev_seeds" if args.split == "dev" else "test_seeds": args.seeds}
     preset = PRESETS[args.preset].with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class,
@@ -94,6 +115,7 @@ def collect(args) -> None:
                 clean = lab.trusted_set(n, seed=seed, image=preset.image)
                 row = {"preset": preset.name, "split": args.split, "arch": arch, "attack": attack, "seed": seed,
                        "per_class": n, "target": _target(attack, trigger),
+                       "asr": _asr(attack, model, trigger, clean, preset),
                        **class_evidence(model, clean, seed), "seconds": round(time.perf_counter() - start, 1)}
                 with out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -158,13 +180,14 @@ def choose(rows: list[dict], slopes: list[float], cfg: SanitizeConfig) -> Thresh
 
 def score_table(rows: list[dict], t: Thresholds) -> str:
     """Markdown: every model's flag score, verdict, class and lead detector under thresholds `t`."""
-    lines = ["| arch | attack | seed | target | score | verdict | class | lead | patch | noise | blend | decision "
-             "when collected |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | attack | seed | target | ASR % | score | verdict | class | lead | patch | noise | blend | "
+             "decision when collected |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["attack"] != CLEAN, r["arch"], r["attack"], r["seed"])):
         s = scored(r, t)
         st = s.best.strengths
         target = single_target(r)
-        lines.append(f"| {r['arch']} | {r['attack']} | {r['seed']} | {'-' if target is None else target} "
+        asr = "-" if r.get("asr") is None else f"{100 * r['asr']:.1f}"
+        lines.append(f"| {r['arch']} | {r['attack']} | {r['seed']} | {'-' if target is None else target} | {asr} "
                      f"| {s.best.score:.3f} | {s.verdict} | {s.best.target} | {s.best.lead} | "
                      f"{st['patch_probe']:.2f} | {st['noise_probe']:.2f} | {st['blend_anomaly']:.2f} | "
                      f"{_first_rule(r)} |")
@@ -229,12 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="instead of the preset's seeds of the split")
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
+    p.add_argument("--fill-asr", metavar="JSONL", help="add the real trigger's success rate to lines without one")
     p.add_argument("--slope", type=float, nargs="+", help="with --score: flag_slope values to compare")
     p.add_argument("--calibrate", action="store_true",
                    help="with --score: set each slope's suspect threshold just above the clean models' highest score "
                         "and choose a slope (development lines only)")
     p.add_argument("--md", help="with --score: write the tables to this markdown file (and its plot beside it)")
     args = p.parse_args(argv)
+    if args.fill_asr:
+        fill_asr(Path(args.fill_asr))
+        return 0
     if args.score:
         rows = [json.loads(line) for line in Path(args.score).read_text().splitlines()]
         cfg = SanitizeConfig()

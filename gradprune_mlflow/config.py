@@ -89,9 +89,9 @@ class SanitizeConfig:
     # 0.5 at its own threshold, rising with this slope; the class is flagged when the combined score reaches
     # `flag_threshold`. Below that but at or above `suspect_threshold` (set above the scores of the development
     # clean models, docs/algorithm.md) the model is `suspect`.
-    flag_slope: float = 4.0
+    flag_slope: float = 3.0
     flag_threshold: float = 0.5
-    suspect_threshold: float = 0.35
+    suspect_threshold: float = 0.4
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
     recheck_rounds: int = 2
