@@ -101,6 +101,16 @@ def test_the_search_draws_from_its_own_generator(planted):
     assert torch.equal(torch.get_rng_state(), global_state)  # the global stream is untouched
 
 
+def test_a_flagged_class_whose_trigger_works_on_no_image_does_not_fail_the_verification():
+    """A search on a few images can make a class stand out with a trigger that sends none of them there."""
+    from gradprune_mlflow.defense.verify import WORKING_RATE, Verification
+
+    found = Verification(20, True, 5, 8.9, "anomaly_index", "blend", 0.0, False)
+    assert found.verdict == "passed" and found.to_report()["flagged"] is True
+    assert Verification(20, True, 5, 8.9, "anomaly_index", "blend", WORKING_RATE, False).verdict == "failed"
+    assert Verification(20, False, 5, 1.0, None, "blend", 0.9, False).verdict == "passed"
+
+
 def test_the_report_block_says_why_no_search_ran():
     assert report_block(None, known=True, skipped=False, after={"attack_success_rate": 0.01},
                         measured_with="known") == {"verdict": "measured", "with": "known trigger",

@@ -25,11 +25,16 @@ from gradprune_mlflow.defense.triggers import Trigger
 # Added to cfg.seed for the verification's generator and noise probe: its draws are not the defense's, and drawing
 # them consumes none of the defense's.
 SEED_OFFSET = 104_729
+# A flagged class fails the verification only when the trigger found for it works: it sends at least this fraction of
+# the held-out images of the other classes there. A search on few images can make a class stand out with a trigger
+# that works on none of them, and that is no backdoor.
+WORKING_RATE = 0.5
 
 
 @dataclass
 class Verification:
-    """What the independent search found on the sanitized model. `verdict` is "failed" when it flagged a class."""
+    """What the independent search found on the sanitized model. `verdict` is "failed" when it flagged a class and
+    the trigger it found for it works (WORKING_RATE)."""
 
     images: int
     flagged: bool
@@ -43,7 +48,8 @@ class Verification:
 
     @property
     def verdict(self) -> str:
-        return "failed" if self.flagged else "passed"
+        works = self.success_rate is None or self.success_rate >= WORKING_RATE
+        return "failed" if self.flagged and works else "passed"
 
     def to_report(self) -> dict[str, Any]:
         rate = None if self.success_rate is None else round(self.success_rate, 4)
