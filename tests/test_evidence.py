@@ -20,6 +20,8 @@ def test_a_detector_at_its_own_threshold_votes_one_half_and_the_vote_rises_with_
     assert vote(1.0, 4.0) == pytest.approx(0.5)
     assert vote(0.5, 4.0) < vote(0.9, 4.0) < 0.5 < vote(1.1, 4.0) < vote(2.0, 4.0)
     assert vote(0.9, 8.0) < vote(0.9, 4.0)  # a steeper slope listens less to evidence below the threshold
+    # a blend anomaly index far below the median (a huge trigger) votes 0 rather than overflowing
+    assert vote(-5e5, 3.0) == pytest.approx(0.0) and vote(1000.0, 3.0) == pytest.approx(1.0)
 
 
 def test_strengths_put_each_detector_over_its_own_threshold():

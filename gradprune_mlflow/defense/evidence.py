@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 # The detectors that vote, in the order a tie is broken (the patch probe's square is the most concrete trigger).
 DETECTORS = ("patch_probe", "noise_probe", "blend_anomaly")
-VERDICTS = ("flagged", "suspect", "clean")
 # Strengths are capped here so that a report stays finite (any strength this large votes 1).
 MAX_STRENGTH = 1000.0
 
@@ -63,7 +62,9 @@ def _over(evidence: float, threshold: float) -> float:
 
 def vote(strength: float, slope: float) -> float:
     """A detector's vote for a class: 0.5 at its threshold (strength 1), towards 1 above it and 0 below."""
-    return 1.0 / (1.0 + math.exp(-slope * (strength - 1.0)))
+    # An anomaly index far below the median (a class whose trigger is huge) would overflow exp: its vote is 0 anyway.
+    z = min(max(slope * (strength - 1.0), -700.0), 700.0)
+    return 1.0 / (1.0 + math.exp(-z))
 
 
 @dataclass(frozen=True)
