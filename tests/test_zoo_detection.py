@@ -12,11 +12,11 @@ from gradprune_mlflow.benchmark import detection, tables
 
 
 def _row(attack: str, score: float, flagged: bool, detected: int, defense: str = "neural-cleanse",
-         per_class: int = 20, seed: int = 0) -> dict[str, str]:
+         per_class: int = 20, seed: int = 0, **info) -> dict[str, str]:
     return {"arch": "small_cnn", "attack": attack, "per_class": str(per_class), "seed": str(seed),
             "defense": defense, "clean_acc": "0.9", "asr": "0.5", "ra": "0.4", "acc_before": "0.9",
             "asr_before": "0.5", "seconds": "1", "backward_passes": "1", "flagged": str(flagged), "error": "",
-            "info": json.dumps({"anomaly_index": score, "detected_target": detected})}
+            "info": json.dumps({"anomaly_index": score, "detected_target": detected, **info})}
 
 
 def _pairwise_auroc(neg: list[float], pos: list[float]) -> float:
@@ -62,11 +62,24 @@ def test_detection_markdown_lists_each_budget_and_skips_rows_without_a_detection
             {**_row("badnets", 9.0, True, 0, seed=3), "error": "RuntimeError: boom"},
             {**_row("badnets", 9.0, True, 0, defense="grad-prune-free", seed=4), "flagged": ""}]
     md = detection.markdown(rows, "x-roc.png")
-    assert "| neural-cleanse | 20 | 1 / 1 | 1.000 | 0/1 (0%) | 1/1 (100%) | 1/1 (100%) | n/a |" in md
-    assert "| neural-cleanse | 50 | 1 / 1 | 0.000 | 0/1 (0%) | 0/1 (0%) | 0/1 (0%) | n/a |" in md
+    assert "| neural-cleanse | 20 | 1 / 1 | 1.000 | 0/1 (0%) | 1/1 (100%) | 0 / 0 | 1/1 (100%) | n/a |" in md
+    assert "| neural-cleanse | 50 | 1 / 1 | 0.000 | 0/1 (0%) | 0/1 (0%) | 0 / 0 | 0/1 (0%) | n/a |" in md
     assert "grad-prune-free |" not in md.split("<details>")[0]  # its only row has no `flagged`
     assert detection.plot(rows, tmp_path / "roc.png").stat().st_size > 5_000
     assert "ROC curves: [x-roc.png](x-roc.png)" in md
+
+
+def test_grad_prune_is_scored_by_its_flag_score_and_suspect_models_are_counted_apart():
+    # the anomaly index would rank these the other way round: the table must read the flag score
+    rows = [_row("clean", 9.0, False, 3, defense="grad-prune-detect", flag_score=0.2, verdict="clean"),
+            _row("clean", 8.0, False, 6, defense="grad-prune-detect", seed=1, flag_score=0.41, verdict="suspect"),
+            _row("wanet", 0.5, False, 0, defense="grad-prune-detect", flag_score=0.42, verdict="suspect"),
+            _row("blend", 0.1, True, 0, defense="grad-prune-detect", flag_score=0.9, verdict="flagged")]
+    got = detection.rates(detection.cases(rows, "grad-prune-detect"))
+    assert got["auroc"] == 1.0 and got["suspect"] == (1, 1) and got["right_target"] == (1, 2)
+    md = detection.markdown(rows, None)
+    assert "| grad-prune-detect | 20 | 2 / 2 | 1.000 | 0/2 (0%) | 1/2 (50%) | 1 / 1 | 1/2 (50%) | n/a |" in md
+    assert "| grad-prune-detect | small_cnn | wanet | 0 | 20 | 0.420 | suspect | 0 | 0 |" in md
 
 
 def test_clean_models_alone_get_no_roc_and_no_link_to_one(tmp_path):

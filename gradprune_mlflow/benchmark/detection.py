@@ -1,9 +1,10 @@
 """How well the trigger-free detectors tell clean models from backdoored ones: scores, ROC, AUROC and rates.
 
-Clean models (attack "clean") are the negatives, backdoored ones the positives. A detector's score is its anomaly
-index (Grad-Prune's report and Neural Cleanse both give one); its decision is its own `flagged`, whatever rule set it
-(Grad-Prune's probes flag on more than the index). The right-target rate counts flagged models whose flagged class is
-the attack's real target; all-to-all attacks have no single target and are counted apart.
+Clean models (attack "clean") are the negatives, backdoored ones the positives. A detector's score is Grad-Prune's
+flag score (docs/algorithm.md) or Neural Cleanse's anomaly index; its decision is its own `flagged`, and Grad-Prune's
+`suspect` verdict (a score between its suspect and flag thresholds) is counted apart. The right-target rate counts
+flagged models whose flagged class is the attack's real target; all-to-all attacks have no single target and are
+counted apart.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from gradprune_mlflow.benchmark.presets import CLEAN
 from gradprune_mlflow.defense.metrics import is_all_to_all
 
 # Trigger-free defenses that report a detection, and the info key of their score.
-SCORES = {"neural-cleanse": "anomaly_index", "grad-prune-free": "anomaly_index", "grad-prune-detect": "anomaly_index",
-          "unlearn-ft-free": "anomaly_index", "prune-only-free": "anomaly_index"}
+SCORES = {"neural-cleanse": "anomaly_index", "grad-prune-free": "flag_score", "grad-prune-detect": "flag_score",
+          "unlearn-ft-free": "flag_score", "prune-only-free": "flag_score"}
 ALL_TO_ALL = "all-to-all"
 
 
@@ -36,6 +37,7 @@ class Case:
     flagged: bool
     detected: int | None  # the class flagged (or the top-scoring one)
     target: int | str | None  # the attack's target class, ALL_TO_ALL, or None for a clean model
+    suspect: bool = False  # not flagged, but the score is in the suspect band
 
     @property
     def positive(self) -> bool:
@@ -71,7 +73,8 @@ def cases(rows: list[dict[str, str]], defense: str, target=attack_target) -> lis
         detected = info.get("detected_target")
         out.append(Case(r["arch"], r["attack"], str(r["seed"]), int(r["per_class"]),
                         _float(info.get(SCORES.get(defense, "anomaly_index"))), str(r["flagged"]) == "True",
-                        int(detected) if isinstance(detected, int | float) else None, target(r["attack"])))
+                        int(detected) if isinstance(detected, int | float) else None, target(r["attack"]),
+                        info.get("verdict") == "suspect"))
     return out
 
 
@@ -121,6 +124,7 @@ def rates(group: list[Case]) -> dict:
         "auroc": auroc([c.score for c in neg if c.score is not None], [c.score for c in pos if c.score is not None]),
         "false_positive": share([c.flagged for c in neg]),
         "detected": share([c.flagged for c in pos]),
+        "suspect": (sum(c.suspect for c in neg), sum(c.suspect for c in pos)),
         "right_target": share([c.flagged and c.detected == c.target for c in one]),
         "all_to_all_flagged": share([c.flagged for c in many]),
     }
@@ -138,23 +142,26 @@ def markdown(rows: list[dict[str, str]], roc_name: str | None) -> str:
     if not present:
         return "No trigger-free defense with a detection in these rows."
     curves = f" ROC curves: [{roc_name}]({roc_name})." if roc_name else ""
-    lines = [f"Clean models are the negatives, backdoored ones the positives; score: the anomaly index. "
-             f"False positives and detections at each defense's own threshold (`flagged`).{curves}", "",
-             "| defense | per class | clean / backdoored | AUROC | false positives | detected | right target "
-             "(all-to-one) | flagged (all-to-all) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Clean models are the negatives, backdoored ones the positives; score: Grad-Prune's flag score, Neural "
+             f"Cleanse's anomaly index. False positives and detections at each defense's own threshold (`flagged`); "
+             f"`suspect` (clean / backdoored): neither flagged nor clean.{curves}", "",
+             "| defense | per class | clean / backdoored | AUROC | false positives | detected | suspect | right target "
+             "(all-to-one) | flagged (all-to-all) |", "|---|---|---|---|---|---|---|---|---|"]
     listing = []
     for d in present:
         by_budget: dict[int, list[Case]] = defaultdict(list)
         for c in cases(rows, d):
             by_budget[c.per_class].append(c)
             listing.append(f"| {d} | {c.arch} | {c.attack} | {c.seed} | {c.per_class} | "
-                           f"{'n/a' if c.score is None else f'{c.score:.3f}'} | {c.flagged} | "
+                           f"{'n/a' if c.score is None else f'{c.score:.3f}'} | "
+                           f"{'suspect' if c.suspect else c.flagged} | "
                            f"{'' if c.detected is None else c.detected} | {'' if c.target is None else c.target} |")
         for n, group in sorted(by_budget.items()):
             s = rates(group)
             area = "n/a" if s["auroc"] is None else f"{s['auroc']:.3f}"
             lines.append(f"| {d} | {n} | {s['clean']} / {s['backdoored']} | {area} | {_frac(s['false_positive'])} | "
-                         f"{_frac(s['detected'])} | {_frac(s['right_target'])} | {_frac(s['all_to_all_flagged'])} |")
+                         f"{_frac(s['detected'])} | {s['suspect'][0]} / {s['suspect'][1]} | "
+                         f"{_frac(s['right_target'])} | {_frac(s['all_to_all_flagged'])} |")
     lines += ["", "<details><summary>Every model's score</summary>", "",
               "| defense | model | attack | seed | per class | score | flagged | flagged class | target |",
               "|---|---|---|---|---|---|---|---|---|", *listing, "", "</details>"]
@@ -182,7 +189,7 @@ def plot(rows: list[dict[str, str]], path: Path) -> Path | None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=f"{d} (AUROC {area:.2f})")
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set(xlabel="false-positive rate (clean models)", ylabel="true-positive rate (backdoored models)",
-           title="Detection ROC, anomaly index", xlim=(0, 1), ylim=(0, 1.02))
+           title="Detection ROC (flag score; NC: anomaly index)", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

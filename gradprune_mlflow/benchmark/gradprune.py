@@ -39,7 +39,10 @@ def _variant(overrides: dict):
             # report.json's gradient_passes: passes of the unlearning loss over the scoring set while pruning
             "scoring_passes": rep["gradient_passes"],
             "flagged": det.get("flagged", ""), "detected_target": det.get("target", ""),
-            "anomaly_index": det.get("anomaly_index", ""),  # the detection table's score
+            "anomaly_index": det.get("anomaly_index", ""),
+            # the flag score (the detection table's score) and its verdict: flagged, suspect or clean
+            "flag_score": (det.get("score") or {}).get("value", ""),
+            "verdict": (det.get("score") or {}).get("verdict", ""),
             # the independent search after sanitizing (defense/verify.py): passed, failed, measured or not run
             "verification": (rep.get("verification") or {}).get("verdict", ""),
             "timings": rep["timings"],  # seconds per phase (report.json's)

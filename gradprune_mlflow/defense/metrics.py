@@ -39,31 +39,42 @@ def eval_mode(net: nn.Module):
             m.training = mode
 
 
+# Images per forward pass. On a CPU, large batches are slower per image: activations above glibc's mmap threshold
+# (32 MB at most) are mapped and page-faulted afresh on every pass (benchmarks/RESULTS.md, "Speed").
+CUDA_BATCH, CPU_BATCH = 512, 128
+
+
+def batch_for(device: torch.device) -> int:
+    """Images per forward pass on `device`."""
+    return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
+
+
 @torch.no_grad()
-def logits(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits of `net` (in eval mode) for [0, 1] images, computed in batches on the net's device; returned on CPU."""
+def logits(net: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits of `net` (in eval mode) for [0, 1] images, computed in batches on the net's device (batch_for it
+    when `batch_size` is None); returned on CPU."""
     device = next(net.parameters()).device
     out = []
     with eval_mode(net), autocast(device):
-        for chunk in images.split(batch_size):
+        for chunk in images.split(batch_size or batch_for(device)):
             out.append(net(chunk.to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def accuracy(net: nn.Module, data: Split, batch_size: int = 512) -> float:
+def accuracy(net: nn.Module, data: Split, batch_size: int | None = None) -> float:
     """Fraction of `data` classified correctly."""
     if len(data) == 0:
         return float("nan")
     return (logits(net, data.images, batch_size).argmax(1) == data.labels).float().mean().item()
 
 
-def mean_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+def mean_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None) -> float:
     """Mean cross-entropy of `net` on (images, labels)."""
     return F.cross_entropy(logits(net, images, batch_size), labels).item()
 
 
 def attack_metrics(
-    net: nn.Module, data: Split, trigger: Trigger, batch_size: int = 512
+    net: nn.Module, data: Split, trigger: Trigger, batch_size: int | None = None
 ) -> tuple[float | None, float | None, float | None]:
     """(ASR, RA, clean target rate) of `trigger` on the images of `data` not of the trigger's target class; None when
     there are none (NaN would make report.json invalid JSON).
@@ -95,7 +106,9 @@ def backdoor_targets(trigger: Trigger, labels: torch.Tensor) -> torch.Tensor:
     return torch.full_like(labels, trigger.target)
 
 
-def _all_to_all_metrics(net: nn.Module, data: Split, trigger: Trigger, batch_size: int) -> tuple[float | None, ...]:
+def _all_to_all_metrics(
+    net: nn.Module, data: Split, trigger: Trigger, batch_size: int | None
+) -> tuple[float | None, ...]:
     """attack_metrics for an all-to-all trigger: every image counts, each against its own shifted label."""
     if len(data) == 0:
         return None, None, None
@@ -106,7 +119,9 @@ def _all_to_all_metrics(net: nn.Module, data: Split, trigger: Trigger, batch_siz
             (clean == targets).float().mean().item())
 
 
-def evaluate(net: nn.Module, data: Split, trigger: Trigger | None, batch_size: int = 512) -> dict[str, float | None]:
+def evaluate(
+    net: nn.Module, data: Split, trigger: Trigger | None, batch_size: int | None = None
+) -> dict[str, float | None]:
     """The report's metric block: clean_accuracy, attack_success_rate, robust_accuracy and clean_target_rate (the
     last three None without a trigger)."""
     acc = accuracy(net, data, batch_size)

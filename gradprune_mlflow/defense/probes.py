@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
+from gradprune_mlflow.defense.metrics import batch_for
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
@@ -66,9 +67,9 @@ def square(shape: tuple[int, int, int], top: int, left: int, side: int) -> torch
     return window
 
 
-def _rate(net: nn.Module, images: torch.Tensor, target: int, batch_size: int = 512) -> float:
+def _rate(net: nn.Module, images: torch.Tensor, target: int) -> float:
     device = next(net.parameters()).device
-    hits = sum(int((net(x.to(device)).argmax(1) == target).sum()) for x in images.split(batch_size))
+    hits = sum(int((net(x.to(device)).argmax(1) == target).sum()) for x in images.split(batch_for(device)))
     return hits / max(len(images), 1)
 
 
@@ -122,7 +123,9 @@ def noise_responses(net: nn.Module, data: Split, num_classes: int, seed: int, al
     """
     device = next(net.parameters()).device
     noise = NoiseBlend(0, torch.Generator().manual_seed(seed), low=alpha, high=alpha)
-    preds = torch.cat([net(noise.apply(x).to(device)).argmax(1).cpu() for x in data.images.split(batch_size)])
+    # the noise is drawn per `batch_size` images whatever the device, so that every device sees the same noise
+    noisy = torch.cat([noise.apply(x) for x in data.images.split(batch_size)])
+    preds = torch.cat([net(x.to(device)).argmax(1).cpu() for x in noisy.split(batch_for(device))])
     out = []
     for k in range(num_classes):
         others = data.labels != k

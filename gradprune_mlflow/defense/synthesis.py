@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradprune_mlflow.defense.metrics import batch_for
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.triggers import MaskTrigger
 
@@ -133,21 +134,28 @@ def synthesize(
     best_size = torch.full((rows,), float("inf"), device=device)
     best = [p.detach().clone() for p in fam.parts(params)]
     wins = torch.zeros(rows, device=device)
+    per_pass = max(1, batch_for(device) // BATCH)  # rows per forward pass
+    chunks = [slice(r, r + per_pass) for r in range(0, rows, per_pass)]
     progress.phase(f"synthesis ({family})", steps)
     with _frozen(net):
         for step in range(1, steps + 1):
             idx = torch.randint(len(images), (BATCH,), generator=generator)
             x, y = images[idx].to(device), labels[idx].to(device)
             mask, pattern = fam.parts(params)
-            xs = (1 - mask[:, None]) * x[None] + mask[:, None] * pattern[:, None]  # (rows, B, C, H, W)
-            out = net(xs.flatten(0, 1)).view(rows, BATCH, -1)
-            ce = F.cross_entropy(out.flatten(0, 1), target.repeat_interleave(BATCH), reduction="none").view(rows, -1)
             other = (y[None] != target[:, None]).float()  # images already of class k prove nothing
-            ce = (ce * other).sum(1) / other.sum(1).clamp_min(1)
             size = fam.size(params)
             opt.zero_grad(set_to_none=True)
-            (ce + lam * size).sum().backward()
+            out = []
+            for rs in chunks:  # rows are independent: one backward per chunk gives the same gradients
+                xs = (1 - mask[rs, None]) * x[None] + mask[rs, None] * pattern[rs, None]  # (rows, B, C, H, W)
+                logits = net(xs.flatten(0, 1)).view(len(xs), BATCH, -1)
+                ce = F.cross_entropy(logits.flatten(0, 1), target[rs].repeat_interleave(BATCH),
+                                     reduction="none").view(len(xs), -1)
+                (ce * other[rs]).sum(1).div(other[rs].sum(1).clamp_min(1)).sum().backward(retain_graph=True)
+                out.append(logits.detach())
+            (lam * size).sum().backward()
             opt.step()
+            out = torch.cat(out)
             with torch.no_grad():
                 hit = ((out.argmax(2) == target[:, None]).float() * other).sum(1) / other.sum(1).clamp_min(1)
                 ok = hit >= SUCCESS
