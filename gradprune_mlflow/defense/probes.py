@@ -139,12 +139,13 @@ def relative_size(result: FamilyResult, k: int) -> float:
     return float(sizes[result.column(k)] / sizes.median().clamp_min(1e-12))
 
 
-def evidence(by_family: dict[str, FamilyResult], index: dict[str, torch.Tensor], hits: list[PatchHit],
-             noise: list[float], blend: list[float], t: Thresholds) -> list[dict]:
+def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], noise: list[float], blend: list[float],
+             relative: list[float] | None, t: Thresholds) -> list[dict]:
     """Each detector's evidence for its strongest class: {"detector", "class", "score", "threshold", "fires"}.
-    The blend anomaly's score is the class's blend strength over the median class's, for the class whose index and
-    strength together are strongest; each family's anomaly index is listed so that a reviewer sees how far its top
-    class stood out, and never fires alone."""
+    The blend anomaly's score is the class's blend strength over the median class's (`relative`, None without a blend
+    family), for the class whose index and strength together are strongest (`blend`: the blend anomaly's strengths);
+    each family's anomaly index is listed so that a reviewer sees how far its top class stood out, and never fires
+    alone."""
     out = []
     if hits:
         best = max(hits, key=lambda h: h.best)
@@ -154,9 +155,9 @@ def evidence(by_family: dict[str, FamilyResult], index: dict[str, torch.Tensor],
         top = max(range(len(noise)), key=noise.__getitem__)
         out.append({"detector": "noise_probe", "class": top, "score": round(noise[top], 4),
                     "threshold": t.noise_threshold, "fires": noise[top] >= t.noise_threshold})
-    if "blend" in by_family:
+    if relative is not None:
         k = max(range(len(blend)), key=blend.__getitem__)
-        out.append({"detector": "blend_anomaly", "class": k, "score": round(relative_size(by_family["blend"], k), 4),
+        out.append({"detector": "blend_anomaly", "class": k, "score": round(relative[k], 4),
                     "threshold": t.relative_size, "fires": blend[k] >= 1.0})
     for family, idx in index.items():
         k = int(idx.argmax())
@@ -191,7 +192,8 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
     by_detector = strengths(patch, noise, blend_index, blend_relative, t)
     score = flag_score(by_detector, t)
     probes = {"patch": [h.to_report() for h in hits], "noise": [round(r, 4) for r in noise],
-              "evidence": evidence(by_family, index, hits, noise, by_detector["blend_anomaly"], t)}
+              "evidence": evidence(index, hits, noise, by_detector["blend_anomaly"],
+                                   blend_relative if blend_family is not None else None, t)}
     if score.verdict != "flagged":
         return replace(detection, flagged=False, flagged_by=None, probes=probes, score=score.to_report()), None
     k, lead = score.best.target, score.best.lead
