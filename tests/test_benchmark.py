@@ -286,10 +286,27 @@ def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys)
 
 
 def _compare():
-    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks/compare.py")
+    return _script("compare")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_speed_table_lists_every_phase_of_every_line(tmp_path, capsys):
+    line = {"commit": "abc1234", "attack": "signal", "threads": 2, "machine": "x86_64", "seconds": 120.4,
+            "status": "flagged", "asr_after": 0.028, "acc_after": 0.781,
+            "timings": {"synthesis": 50.2, "pruning": 2.0, "fine_tuning": 20.6, "verification": 40.1, "measuring": 1}}
+    path = tmp_path / "speed.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    assert _script("speed").main(["--md", str(path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[1].count("|") == table[0].count("|")
+    assert table[2] == ("| abc1234 | small_cnn signal s0 | 2 | flagged | 120.4 | 50 | 2 | 21 | 0 | 40 | 1 | 2.8% | "
+                        "78.1% |")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from gradprune_mlflow.defense import synthesis
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import patch_probe
 from gradprune_mlflow.defense.progress import SilentProgress
@@ -100,6 +101,21 @@ def test_synthesize_is_deterministic_for_a_seed(net, clean_set):
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a.sizes, b.sizes) and torch.equal(a.masks, b.masks) and torch.equal(a.patterns, b.patterns)
     assert not torch.equal(a.masks, c.masks)
+
+
+@pytest.mark.parametrize("name", ["patch", "blend"])
+def test_rows_searched_in_several_passes_give_what_one_pass_gives(net, clean_set, monkeypatch, name):
+    # On a CPU the rows go through the net a few at a time; each row's gradient is its own, so it must not matter.
+    def run():
+        return synthesize(net, clean_set.images[:200], clean_set.labels[:200], K, name, steps=4, restarts=2,
+                          generator=torch.Generator().manual_seed(0), progress=SilentProgress())
+
+    chunked = run()
+    monkeypatch.setattr(synthesis, "batch_for", lambda device: 10_000)  # every row in one pass
+    whole = run()
+    assert torch.equal(chunked.worked, whole.worked)
+    for a, b in ((chunked.sizes, whole.sizes), (chunked.masks, whole.masks), (chunked.patterns, whole.patterns)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # Regression (fixed library bug, gradprune_mlflow/defense/synthesis.py, synthesize, lines 113-130): the success

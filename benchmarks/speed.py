@@ -1,0 +1,77 @@
+"""Wall time of one trigger-free sanitize, per phase: what a user waits for on a CPU.
+
+    .venv/bin/python benchmarks/speed.py [--attack signal] [--threads 2] [--out benchmarks/results/speed.jsonl]
+    .venv/bin/python benchmarks/speed.py --md benchmarks/results/speed.jsonl
+
+Runs `sanitize` with the product defaults (trigger-free, on_clean=skip, verification on) on one development model of
+the zoo-cpu-quick preset (small CNN, grey 28x28, seed 0; trained or reused from benchmarks/cache) with 50 trusted images
+per class, and appends one JSON line (commit, threads, total and per-phase seconds, status, ASR and accuracy after) to
+--out. Run it from checkouts of two commits to compare them; `--md` renders the lines as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gradprune_mlflow import lab, sanitize
+
+HERE = Path(__file__).parent
+PHASES = ("synthesis", "pruning", "fine_tuning", "rechecks", "verification", "measuring")
+
+
+def measure(attack: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    common = dict(n_train=6000, epochs=2, seed=0, cache_dir=HERE / "cache", image="gray28", device="cpu")
+    model = lab.backdoored_model("small_cnn", attack, **common)
+    trigger = lab.attack_trigger(attack)
+    clean, test = lab.trusted_set(50, seed=0), lab.test_data(1000)
+    start = time.perf_counter()
+    report = sanitize(model, clean, None, eval_trigger=trigger, test_set=test, seed=0, device="cpu").report
+    total = time.perf_counter() - start
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    after = report.get("after") or report["before"]
+    return {"commit": commit, "attack": attack, "threads": threads, "machine": platform.machine(),
+            "seconds": round(total, 1), "timings": report["timings"],
+            "status": report["detection"]["score"]["verdict"],
+            "asr_after": after["attack_success_rate"], "acc_after": after["clean_accuracy"]}
+
+
+def markdown(lines: list[dict]) -> str:
+    out = ["| commit | model | threads | status | total s | " + " | ".join(PHASES) + " | ASR after | acc. after |",
+           "|---" * (len(PHASES) + 7) + "|"]
+    for r in lines:
+        phases = " | ".join(str(round(r["timings"].get(p, 0.0))) for p in PHASES)
+        out.append(f"| {r['commit']} | small_cnn {r['attack']} s0 | {r['threads']} | {r['status']} | {r['seconds']} | "
+                   f"{phases} | {100 * r['asr_after']:.1f}% | {100 * r['acc_after']:.1f}% |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attack", default="signal", help="a lab attack (default: signal)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "speed.jsonl")
+    ap.add_argument("--md", type=Path, metavar="JSONL", help="print JSONL as a markdown table; run nothing")
+    args = ap.parse_args(argv)
+    if args.md:
+        print(markdown([json.loads(x) for x in args.md.read_text().splitlines() if x.strip()]))
+        return 0
+    line = measure(args.attack, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as fh:
+        fh.write(json.dumps(line, sort_keys=True) + "\n")
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
