@@ -221,6 +221,8 @@ def test_the_overview_puts_every_defense_against_every_attack():
     assert "| *ASR before* |  | 100.0 |" in md
     assert "| grad-prune-free | 1.00 | 2.00 / 3.0 |" in md  # clean: the drop alone; means over the two seeds
     assert "| anp |" not in md  # a defense without rows has no line
+    without_none = tables.overview([r for r in rows if r["defense"] != "none"], ["grad-prune-free"])
+    assert "| *ASR before* |  | 100.0 |" in without_none  # read from the defense's own rows
 
 
 def test_goals_are_checked_on_the_numbers():

@@ -83,7 +83,10 @@ def overview(rows: list[dict[str, str]], defenses: list[str]) -> str:
         attacks = sorted({k[1] for k in summary if (k[0], k[2]) == (arch, per_class)}, key=lambda a: (a != CLEAN, a))
         lines += [f"**{arch}, {per_class} clean images per class**: drop (pts) / ASR % after", "",
                   "| defense | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
-        before = [summary.get((arch, a, per_class, "none"), {}).get("asr_before") for a in attacks]
+        # every row of a model carries its ASR before; "none" first, any defense's row where it did not run
+        before = [next((summary[key]["asr_before"] for d in ("none", *defenses)
+                        if (key := (arch, a, per_class, d)) in summary and summary[key].get("asr_before") is not None),
+                       None) for a in attacks]
         lines.append("| *ASR before* | " + " | ".join("" if b is None else f"{100 * b[0]:.1f}" for b in before) + " |")
         for d in defenses:
             cells = []
