@@ -6,7 +6,7 @@
 Runs `sanitize` with the product defaults (trigger-free, on_clean=skip, verification on) on one development model of
 the zoo-cpu-quick preset (small CNN, grey 28x28, seed 0; trained or reused from benchmarks/cache) with 50 trusted images
 per class, and appends one JSON line (commit, threads, total and per-phase seconds, status, ASR and accuracy after) to
---out. Run it from checkouts of two commits to compare them; `--md` renders the lines as a table.
+--out. To compare two commits, run it with PYTHONPATH set to each checkout; `--md` renders the lines as a table.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import gradprune_mlflow
 from gradprune_mlflow import lab, sanitize
 
 HERE = Path(__file__).parent
@@ -36,7 +37,9 @@ def measure(attack: str, threads: int) -> dict:
     start = time.perf_counter()
     report = sanitize(model, clean, None, eval_trigger=trigger, test_set=test, seed=0, device="cpu").report
     total = time.perf_counter() - start
-    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+    # the commit of the library that ran (PYTHONPATH may point at another checkout than this script's)
+    library = Path(gradprune_mlflow.__file__).parent
+    commit = subprocess.run(["git", "-C", str(library), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     after = report.get("after") or report["before"]
     return {"commit": commit, "attack": attack, "threads": threads, "machine": platform.machine(),
