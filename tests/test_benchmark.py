@@ -223,6 +223,9 @@ def test_the_overview_puts_every_defense_against_every_attack():
     assert "| anp |" not in md  # a defense without rows has no line
     without_none = tables.overview([r for r in rows if r["defense"] != "none"], ["grad-prune-free"])
     assert "| *ASR before* |  | 100.0 |" in without_none  # read from the defense's own rows
+    only_detect = [{**r, "defense": "grad-prune-detect"} for r in rows]
+    assert tables.goals_markdown(only_detect).startswith("No goal applies")  # a sentence, not an empty table
+    assert tables.pruning_worth(only_detect).startswith("No pair")
 
 
 def test_goals_are_checked_on_the_numbers():

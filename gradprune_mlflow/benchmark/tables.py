@@ -158,8 +158,11 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
 
 
 def goals_markdown(rows: list[dict[str, str]]) -> str:
+    checked = goals(rows)
+    if not checked:
+        return "No goal applies to these rows (the goals are checked on grad-prune-free and grad-prune-fast rows)."
     lines = ["| goal | met | measured |", "|---|---|---|"]
-    for goal, met, evidence in goals(rows):
+    for goal, met, evidence in checked:
         lines.append(f"| {goal} | {'yes' if met else 'NO'} | {evidence} |")
     return "\n".join(lines)
 
@@ -189,6 +192,8 @@ def pruning_worth(rows: list[dict[str, str]]) -> str:
         lines.append(f"| {arch}, {attack}, {n}/class | {d} | {100 * full['asr'][0]:.1f} / "
                      f"{100 * alone['asr'][0]:.1f} | {100 * full['clean_acc'][0]:.1f} / "
                      f"{100 * alone['clean_acc'][0]:.1f} | {verdict} |")
+    if len(lines) == 2:
+        return "No pair of a full method and its fine-tuning-only ablation in these rows."
     return "\n".join(lines)
 
 
