@@ -33,6 +33,7 @@ def _variant(overrides: dict):
     def run(model: nn.Module, clean: CleanSet, trigger: Trigger | None, seed: int, **options) -> Defended:
         result = sanitize(model, clean, trigger, seed=seed, **{"on_clean": "sanitize", **overrides, **options})
         rep, det = result.report, result.report["detection"] or {}
+        score = det.get("score") or {}
         # on_clean="skip" and nothing flagged: no sanitized model, the registry keeps the one given
         return Defended(result.model if result.model is not None else model, {
             "pruned": rep["pruned_filters"], "finetune_epochs": rep["finetune_epochs"],
@@ -41,8 +42,7 @@ def _variant(overrides: dict):
             "flagged": det.get("flagged", ""), "detected_target": det.get("target", ""),
             "anomaly_index": det.get("anomaly_index", ""),
             # the flag score (the detection table's score) and its verdict: flagged, suspect or clean
-            "flag_score": (det.get("score") or {}).get("value", ""),
-            "verdict": (det.get("score") or {}).get("verdict", ""),
+            "flag_score": score.get("value", ""), "verdict": score.get("verdict", ""),
             # the independent search after sanitizing (defense/verify.py): passed, failed, measured or not run
             "verification": (rep.get("verification") or {}).get("verdict", ""),
             "timings": rep["timings"],  # seconds per phase (report.json's)

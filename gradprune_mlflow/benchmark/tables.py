@@ -74,6 +74,15 @@ def markdown(rows: list[dict[str, str]], defenses: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _asr_before(summary: dict, model: tuple, defenses: list[str]):
+    """A model's ASR before (mean, std): every row of the model carries it; "none"'s row first, else any defense's."""
+    for d in ("none", *defenses):
+        cell = summary.get((*model, d))
+        if cell is not None and cell.get("asr_before") is not None:
+            return cell["asr_before"]
+    return None
+
+
 def overview(rows: list[dict[str, str]], defenses: list[str]) -> str:
     """Every defense against every attack at a glance, per (arch, clean budget): "drop / ASR after" (clean-accuracy
     points, ASR %; mean over seeds), the drop alone for clean models, and the ASR before in the first line."""
@@ -83,10 +92,7 @@ def overview(rows: list[dict[str, str]], defenses: list[str]) -> str:
         attacks = sorted({k[1] for k in summary if (k[0], k[2]) == (arch, per_class)}, key=lambda a: (a != CLEAN, a))
         lines += [f"**{arch}, {per_class} clean images per class**: drop (pts) / ASR % after", "",
                   "| defense | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
-        # every row of a model carries its ASR before; "none" first, any defense's row where it did not run
-        before = [next((summary[key]["asr_before"] for d in ("none", *defenses)
-                        if (key := (arch, a, per_class, d)) in summary and summary[key].get("asr_before") is not None),
-                       None) for a in attacks]
+        before = [_asr_before(summary, (arch, a, per_class), defenses) for a in attacks]
         lines.append("| *ASR before* | " + " | ".join("" if b is None else f"{100 * b[0]:.1f}" for b in before) + " |")
         for d in defenses:
             cells = []

@@ -145,17 +145,17 @@ def synthesize(
             other = (y[None] != target[:, None]).float()  # images already of class k prove nothing
             size = fam.size(params)
             opt.zero_grad(set_to_none=True)
-            out = []
+            parts = []
             for rs in chunks:  # rows are independent: one backward per chunk gives the same gradients
                 xs = (1 - mask[rs, None]) * x[None] + mask[rs, None] * pattern[rs, None]  # (rows, B, C, H, W)
                 logits = net(xs.flatten(0, 1)).view(len(xs), BATCH, -1)
                 ce = F.cross_entropy(logits.flatten(0, 1), target[rs].repeat_interleave(BATCH),
                                      reduction="none").view(len(xs), -1)
                 (ce * other[rs]).sum(1).div(other[rs].sum(1).clamp_min(1)).sum().backward(retain_graph=True)
-                out.append(logits.detach())
+                parts.append(logits.detach())
             (lam * size).sum().backward()
             opt.step()
-            out = torch.cat(out)
+            out = torch.cat(parts)
             with torch.no_grad():
                 hit = ((out.argmax(2) == target[:, None]).float() * other).sum(1) / other.sum(1).clamp_min(1)
                 ok = hit >= SUCCESS
