@@ -54,8 +54,9 @@ CLEAN = "clean"  # the attack name of the lab's clean models
 ATTACKS = ("badnets", "blend", "signal")
 # Clean models and one attack of five families (docs/attacks.md), what fits the CPU's hour; zoo-gpu runs them all.
 ZOO_QUICK_ATTACKS = (CLEAN, "badnets", "blend", "signal", "wanet", "badnets-all-to-all")
-# The two detectors (the detection table), the two fine-tunings, and Grad-Prune with the known trigger.
-ZOO_QUICK_DEFENSES = ("none", "fine-tuning", "ft-sam", "neural-cleanse", "grad-prune-fast", "grad-prune-free")
+# The two detectors (the detection table: Neural Cleanse and trigger-free Grad-Prune as the product runs it, clean
+# models left alone), the two fine-tunings, and Grad-Prune with the known trigger.
+ZOO_QUICK_DEFENSES = ("none", "fine-tuning", "ft-sam", "neural-cleanse", "grad-prune-fast", "grad-prune-detect")
 PRESETS = {
     "cpu": Preset("cpu", ("small_cnn", "tiny_resnet"), ATTACKS, (10, 50, 100), (0, 1, 2), test_seeds=(5, 6, 7)),
     "gpu": Preset("gpu", ("preact_resnet18",), ATTACKS, (10, 50, 100), (0, 1, 2), test_seeds=(5, 6, 7), image="rgb32",
@@ -73,7 +74,7 @@ PRESETS = {
     # Every lab attack on the two small CNNs (with and without BatchNorm), for a longer CPU run.
     "zoo-cpu": Preset("zoo-cpu", ("small_cnn", "small_cnn_nobn"), (CLEAN, *lab_attacks()), (10, 50), (0, 1),
                       test_seeds=(100, 101, 102), n_train=6000, epochs=2, test_images=1000,
-                      defenses=(*ZOO_QUICK_DEFENSES, "fine-pruning", "anp", "grad-prune-detect")),
+                      defenses=(*ZOO_QUICK_DEFENSES, "grad-prune-free", "fine-pruning", "anp")),
     "zoo-gpu": Preset("zoo-gpu", ("resnet18", "mobilenet_v3_small", "vgg11_bn", "efficientnet_b0"),
                       (CLEAN, *lab_attacks()),
                       (10, 50, 100, 250), (0, 1, 2), test_seeds=(100, 101, 102, 103, 104), image="color32",
