@@ -82,10 +82,17 @@ def model_cache() -> Path:
 
 def _trained(cache: Path, attack: str, poison_rate: float = 0.1) -> torch.nn.Module:
     # Engineers share the tree and the cache: one process trains, the others wait and then load its file.
+    # Trained on one thread whatever the run's thread count: CPU training depends on it, and a test that checks what
+    # a defense does to this model must see the same model under pytest-xdist (one thread) and without it (two).
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return lab.backdoored_model("small_cnn", attack, poison_rate=poison_rate, n_train=20_000, epochs=2,
-                                    cache_dir=cache)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return lab.backdoored_model("small_cnn", attack, poison_rate=poison_rate, n_train=20_000, epochs=2,
+                                        cache_dir=cache)
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -223,9 +223,9 @@ def test_the_overview_puts_every_defense_against_every_attack():
     assert "| anp |" not in md  # a defense without rows has no line
     without_none = tables.overview([r for r in rows if r["defense"] != "none"], ["grad-prune-free"])
     assert "| *ASR before* |  | 100.0 |" in without_none  # read from the defense's own rows
-    only_detect = [{**r, "defense": "grad-prune-detect"} for r in rows]
-    assert tables.goals_markdown(only_detect).startswith("No goal applies")  # a sentence, not an empty table
-    assert tables.pruning_worth(only_detect).startswith("No pair")
+    only_nc = [{**r, "defense": "neural-cleanse"} for r in rows]
+    assert tables.goals_markdown(only_nc).startswith("No goal applies")  # a sentence, not an empty table
+    assert tables.pruning_worth(only_nc).startswith("No pair")
 
 
 def test_goals_are_checked_on_the_numbers():
@@ -240,6 +240,13 @@ def test_goals_are_checked_on_the_numbers():
     assert got["fast mode >= 5x fewer backward passes in all than paper mode"] is True
     assert "fast mode >= 5x fewer gradient (scoring) passes than paper mode" not in got  # no scoring counts given
     assert got["fast mode wall time <= 0.5x ANP's"] is True
+    # The product's trigger-free run (clean models left alone) is held to the same goals as sanitizing every model.
+    detect = {goal.split(" (")[0]: met for goal, met, _ in
+              tables.goals([{**r, "defense": "grad-prune-detect"} if r["defense"] == "grad-prune-free" else r
+                            for r in rows])}
+    assert detect["grad-prune-detect ASR <= 5% and drop <= 2 pts"] is True
+    assert detect["grad-prune-detect beats fine-tuning on ASR and accuracy together"] is False
+    assert "grad-prune-free ASR <= 5% and drop <= 2 pts" not in detect
 
 
 def test_pruning_worth_says_when_the_cheaper_step_is_enough():

@@ -111,7 +111,9 @@ def overview(rows: list[dict[str, str]], defenses: list[str]) -> str:
 
 # Defenses whose report says whether their detector flagged a class.
 FLAGGING = {"neural-cleanse", "grad-prune-free", "grad-prune-detect", "unlearn-ft-free", "prune-only-free"}
-BASELINES = ("fine-tuning", "fine-pruning", "anp", "neural-cleanse")
+BASELINES = ("fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse")
+# Trigger-free Grad-Prune as the product runs it (clean models left alone) and sanitizing every model.
+TRIGGER_FREE = ("grad-prune-detect", "grad-prune-free")
 
 
 def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
@@ -126,19 +128,19 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
             return c if c and c["n"] else None
 
         where = f"{arch}/{attack}/{n} per class"
-        for d, limit in (("grad-prune-free", 5.0), ("grad-prune-fast", 2.0)):
+        for d, limit in ((TRIGGER_FREE[0], 5.0), (TRIGGER_FREE[1], 5.0), ("grad-prune-fast", 2.0)):
             c = cell(d)
             if c:
                 asr, drop = 100 * c["asr"][0], c["drop"][0]
                 out.append((f"{d} ASR <= {limit:g}% and drop <= 2 pts ({where})", asr <= limit and drop <= 2.0,
                             f"ASR {asr:.1f}%, drop {drop:.2f} pts"))
-        ours = cell("grad-prune-free")
-        if ours:
-            for b in BASELINES:
+        for d in TRIGGER_FREE:
+            ours = cell(d)
+            for b in BASELINES if ours else ():
                 c = cell(b)
                 if c:
                     beats = ours["asr"][0] <= c["asr"][0] and ours["clean_acc"][0] >= c["clean_acc"][0]
-                    out.append((f"grad-prune-free beats {b} on ASR and accuracy together ({where})", beats,
+                    out.append((f"{d} beats {b} on ASR and accuracy together ({where})", beats,
                                 f"ASR {100 * ours['asr'][0]:.1f} vs {100 * c['asr'][0]:.1f}%, acc "
                                 f"{100 * ours['clean_acc'][0]:.1f} vs {100 * c['clean_acc'][0]:.1f}%"))
         fast, paper, anp = cell("grad-prune-fast"), cell("grad-prune-paper"), cell("anp")
@@ -166,7 +168,8 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
 def goals_markdown(rows: list[dict[str, str]]) -> str:
     checked = goals(rows)
     if not checked:
-        return "No goal applies to these rows (the goals are checked on grad-prune-free and grad-prune-fast rows)."
+        return (f"No goal applies to these rows (the goals are checked on the rows of {', '.join(TRIGGER_FREE)} "
+                "and grad-prune-fast).")
     lines = ["| goal | met | measured |", "|---|---|---|"]
     for goal, met, evidence in checked:
         lines.append(f"| {goal} | {'yes' if met else 'NO'} | {evidence} |")
