@@ -11,7 +11,6 @@ MODES = ("fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 ON_CLEAN = ("skip", "sanitize")
 STAGES = ("prune+finetune", "prune", "finetune")
-BUDGET_ON = ("validation", "trusted")
 
 # Settings whose default depends on the mode: name -> (paper, fast). Paper mode keeps the authors' loop (equal loss
 # weights, no distillation); fast mode's values were chosen on the Fashion-MNIST benchmark models: distillation keeps
@@ -47,9 +46,6 @@ class SanitizeConfig:
     # Largest validation clean-accuracy drop a pruned state may have to be kept (raised to one validation image's
     # worth when the split is small: a 50-image split moves in 2-point steps).
     acc_drop_budget: float = 0.05
-    # Which clean images the budget is checked on: "validation", or "trusted" (validation and training images: pruning
-    # fits neither, and at a few images a class the validation split alone moves in steps larger than the budget).
-    prune_budget_on: str = "validation"
     # Stop after this many pruning steps without a lower validation unlearning loss.
     prune_patience: int | None = None
     # Never prune more than this fraction of all conv filters.
@@ -140,8 +136,6 @@ class SanitizeConfig:
             raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
         if self.stages not in STAGES:
             raise BadInput(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
-        if self.prune_budget_on not in BUDGET_ON:
-            raise BadInput(f"prune_budget_on must be one of {', '.join(BUDGET_ON)}, got {self.prune_budget_on!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.max_prune_fraction < 1.0:

@@ -376,14 +376,3 @@ def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
     assert prune_only["pruned_filters"] > 0 and prune_only["finetune_epochs"] == 0
     with pytest.raises(BadInput, match="stages must be one of"):
         sanitize(badnets_cnn, small, TRIGGER, stages="neither", **SMALL)
-
-
-def test_the_pruning_budget_can_be_checked_on_every_trusted_image(badnets_cnn, clean_set):
-    small = subset(clean_set, 30)
-    result = sanitize(badnets_cnn, small, TRIGGER, stages="prune", prune_budget_on="trusted", **SMALL)
-    assert result.report["config"]["prune_budget_on"] == "trusted"
-    assert all("trusted_clean_accuracy" in row and "val_clean_accuracy" in row for row in result.curve)
-    default = sanitize(badnets_cnn, small, TRIGGER, stages="prune", **SMALL)
-    assert all("trusted_clean_accuracy" not in row for row in default.curve)
-    with pytest.raises(BadInput, match="prune_budget_on must be one of validation, trusted"):
-        sanitize(badnets_cnn, small, TRIGGER, prune_budget_on="test", **SMALL)

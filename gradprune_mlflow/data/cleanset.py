@@ -123,11 +123,6 @@ class Split:
         return len(self.labels)
 
 
-def joined(*splits: Split) -> Split:
-    """One split holding the images of `splits`, in order."""
-    return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

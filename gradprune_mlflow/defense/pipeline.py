@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig
-from gradprune_mlflow.data.cleanset import CleanSet, Split, joined
+from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.metrics import evaluate
@@ -106,8 +106,7 @@ def run_sanitize(
         train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
         if "prune" in cfg.stages:
             with timings("pruning"):
-                budget_clean = val if cfg.prune_budget_on == "validation" else joined(train, val)
-                prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress, budget_clean)
+                prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress)
         if "finetune" in cfg.stages:
             with timings("fine_tuning"):
                 finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)

@@ -4,8 +4,7 @@
   best state by validation unlearning loss with patience.
 - fast mode: scores normalised within each layer, several filters per step with an adaptive step size (doubled while
   the validation unlearning loss keeps falling, halved when a step breaks the accuracy budget, which is then undone),
-  and a clean-accuracy drop budget on the validation split (or, with prune_budget_on="trusted", on every trusted
-  clean image: pruning fits none of them).
+  and a clean-accuracy drop budget on the validation split.
 
 Both keep the best state seen (lowest validation unlearning loss within the budget) and restore it at the end.
 """
@@ -59,30 +58,18 @@ def prune(
     val_triggered: Split,
     cfg: SanitizeConfig,
     progress: Progress,
-    budget_clean: Split | None = None,
 ) -> PruneOutcome:
-    """Prune `net` in place (through `masks`) and leave it at the best state. Stops on validation data, and checks
-    the accuracy budget on `budget_clean` (default: `val_clean`), clean images the pruning does not fit."""
+    """Prune `net` in place (through `masks`) and leave it at the best state. Uses validation data only to stop."""
     paper = cfg.mode == "paper"
     importance = MeanAbsGrad()
     limit = int(cfg.max_prune_fraction * masks.total)
-    budget_clean = val_clean if budget_clean is None else budget_clean
-
-    def accuracies() -> dict[str, float]:
-        """The curve's clean accuracies; the last is the one the budget is checked on."""
-        acc = {"val_clean_accuracy": accuracy(net, val_clean, cfg.batch_size)}
-        if budget_clean is not val_clean:
-            acc["trusted_clean_accuracy"] = accuracy(net, budget_clean, cfg.batch_size)
-        return acc
-
-    start = accuracies()
-    base_acc = list(start.values())[-1]
-    # A split of n images moves in steps of 1/n: a budget finer than that is noise.
-    budget = None if paper else max(cfg.acc_drop_budget, 1.0 / max(len(budget_clean), 1))
+    base_acc = accuracy(net, val_clean, cfg.batch_size)
+    # A validation split of n images moves in steps of 1/n: a budget finer than that is noise.
+    budget = None if paper else max(cfg.acc_drop_budget, 1.0 / max(len(val_clean), 1))
     out = PruneOutcome()
     best_loss = mean_loss(net, val_triggered.images, val_triggered.labels, cfg.batch_size)
     best = (copy.deepcopy(net.state_dict()), masks.state())
-    out.curve.append({"step": 0, "pruned": 0, **start, "val_unlearning_loss": best_loss})
+    out.curve.append({"step": 0, "pruned": 0, "val_clean_accuracy": base_acc, "val_unlearning_loss": best_loss})
     step_size = 1 if paper else max(1, round(cfg.step_fraction * masks.total))
     since_best, step, reported = 0, 0, 0
     progress.phase("pruning", limit)
@@ -97,10 +84,9 @@ def prune(
         before = (copy.deepcopy(net.state_dict()), masks.state()) if budget is not None else None
         for layer, picks in chosen.items():
             masks.prune(layer, [i for i, _ in picks], step, [s for _, s in picks])
-        accs = accuracies()
-        acc = list(accs.values())[-1]
+        acc = accuracy(net, val_clean, cfg.batch_size)
         loss = mean_loss(net, val_triggered.images, val_triggered.labels, cfg.batch_size)
-        row = {"step": step, "pruned": masks.count, **accs, "val_unlearning_loss": loss}
+        row = {"step": step, "pruned": masks.count, "val_clean_accuracy": acc, "val_unlearning_loss": loss}
         if budget is not None and acc < base_acc - budget:
             # Over budget: undo this step and try a smaller one; at one filter a step, the budget is reached.
             net.load_state_dict(before[0])
@@ -111,8 +97,7 @@ def prune(
             step_size = max(1, step_size // 2)
             continue
         out.curve.append(row)
-        progress.advance(masks.count - reported, val_acc=round(accs["val_clean_accuracy"], 4),
-                         val_unlearn=round(loss, 4))
+        progress.advance(masks.count - reported, val_acc=round(acc, 4), val_unlearn=round(loss, 4))
         reported = masks.count
         if loss < best_loss - 1e-4:
             best_loss, best, out.best_step, since_best = loss, (copy.deepcopy(net.state_dict()), masks.state()), step, 0

@@ -26,8 +26,7 @@ class SanitizeResult:
     - report: the report.json dict (schema SCHEMA; see docs/contracts.md).
     - history: the pruning history, one dict per pruned filter: {"layer", "filter", "step", "score"}.
     - curve: the pruning curve, one dict per pruning step: {"step", "pruned", "val_clean_accuracy",
-      "val_unlearning_loss"}, with "trusted_clean_accuracy" (training and validation images) when the accuracy
-      budget is checked on those (prune_budget_on="trusted"), and "undone" on a step over the budget.
+      "val_unlearning_loss"}.
     - triggers: the synthesized triggers worth showing (mask triggers), empty in known-trigger mode.
     """
 

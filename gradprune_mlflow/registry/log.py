@@ -28,7 +28,6 @@ REPORT_METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "c
                   "synthesized_trigger_success_rate", "synthesized_trigger_robust_accuracy")
 # The pruning curve, one point per pruning step (x = step).
 CURVE_METRICS = {"pruned": "curve/pruned_filters", "val_clean_accuracy": "curve/val_clean_accuracy",
-                 "trusted_clean_accuracy": "curve/trusted_clean_accuracy",
                  "val_unlearning_loss": "curve/val_unlearning_loss"}
 
 
