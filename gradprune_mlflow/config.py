@@ -69,9 +69,6 @@ class SanitizeConfig:
     # (finetune.away_from_target): without it the known-trigger ASR stopped at the model's own confusion with the
     # target class, about 2%.
     away_weight: float | None = None
-    # Sharpness-aware fine-tuning (ASAM radius; 0: off), for backdoors the unlearning triggers do not express: the
-    # gradient is taken at the worst weights within this radius (defense/sam.py). Each step costs two passes.
-    finetune_sam_rho: float = 0.0
 
     # --- trigger synthesis (trigger-free mode) ---
     synth_steps: int = 200
@@ -139,9 +136,6 @@ class SanitizeConfig:
             raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
         if self.stages not in STAGES:
             raise BadInput(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
-        if isinstance(self.finetune_sam_rho, bool) or not isinstance(self.finetune_sam_rho, int | float) \
-                or not 0.0 <= self.finetune_sam_rho <= 10.0:
-            raise BadInput(f"finetune_sam_rho must be a number in [0, 10], got {self.finetune_sam_rho!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.max_prune_fraction < 1.0:

@@ -376,16 +376,3 @@ def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
     assert prune_only["pruned_filters"] > 0 and prune_only["finetune_epochs"] == 0
     with pytest.raises(BadInput, match="stages must be one of"):
         sanitize(badnets_cnn, small, TRIGGER, stages="neither", **SMALL)
-
-
-def test_sharpness_aware_fine_tuning_is_a_setting(badnets_cnn, clean_set):
-    small = subset(clean_set, 30)
-    plain = sanitize(badnets_cnn, small, TRIGGER, stages="finetune", **SMALL)
-    sam = sanitize(badnets_cnn, small, TRIGGER, stages="finetune", finetune_sam_rho=1.0, **SMALL)
-    assert plain.report["config"]["finetune_sam_rho"] == 0.0 and sam.report["config"]["finetune_sam_rho"] == 1.0
-    assert sam.report["finetune_epochs"] > 0
-    changed = [n for n, w in sam.model.state_dict().items() if not torch.equal(w, plain.model.state_dict()[n])]
-    assert changed, "the sharpness-aware gradient is not the plain one"
-    for bad in (-0.5, True, "x"):
-        with pytest.raises(BadInput, match="finetune_sam_rho must be a number in"):
-            sanitize(badnets_cnn, small, TRIGGER, finetune_sam_rho=bad, **SMALL)

@@ -29,7 +29,6 @@ from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.masks import FilterMasks
 from gradprune_mlflow.defense.metrics import autocast, mean_loss
 from gradprune_mlflow.defense.progress import Progress
-from gradprune_mlflow.defense.sam import ascended
 from gradprune_mlflow.defense.triggers import Trigger
 
 
@@ -80,21 +79,6 @@ def validation_loss(net: nn.Module, val_clean: Split, val_triggered: Split, clea
     return loss
 
 
-def _batch_loss(net: nn.Module, batch: tuple, target: int, unlearn_weight: float, away: float,
-                distill: float) -> torch.Tensor:
-    """Clean CE + weighted triggered CE (true labels) + away-from-target + distillation towards `soft`, if given."""
-    x, xt, y, soft = batch
-    with autocast(next(net.parameters()).device):
-        clean_logits = net(x)
-        trig_logits = net(xt)
-        loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(trig_logits, y)
-        if away:
-            loss = loss + away * away_from_target(trig_logits, y, target)
-        if soft is not None:
-            loss = loss + distill * F.kl_div(F.log_softmax(clean_logits.float(), 1), soft, reduction="batchmean")
-    return loss
-
-
 def finetune(
     net: nn.Module,
     masks: FilterMasks | None,
@@ -132,21 +116,22 @@ def finetune(
                 x = augment(x, generator)
             xt = trigger.apply(x).to(device)
             x = x.to(device)
-            soft = None
-            if distill:
-                with torch.no_grad(), autocast(device):
-                    soft = F.softmax(teacher(x).float(), 1)
-            batch = (x, xt, y, soft)
+            with autocast(device):
+                clean_logits = net(x)
+                trig_logits = net(xt)
+                loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(trig_logits, y)
+                if away:
+                    loss = loss + away * away_from_target(trig_logits, y, trigger.target)
+                if distill:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(x).float(), 1)
+                    log_p = F.log_softmax(clean_logits.float(), 1)
+                    loss = loss + distill * F.kl_div(log_p, soft, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
-            _batch_loss(net, batch, trigger.target, unlearn_weight, away, distill).backward()
-            if cfg.finetune_sam_rho:
-                # Sharpness-aware: the gradient is taken at the worst weights within the radius (defense/sam.py).
-                with ascended(net.parameters(), cfg.finetune_sam_rho):
-                    opt.zero_grad(set_to_none=True)
-                    _batch_loss(net, batch, trigger.target, unlearn_weight, away, distill).backward()
+            loss.backward()
             opt.step()
             sched.step()
-            out.passes += 2 if cfg.finetune_sam_rho else 1
+            out.passes += 1
             if masks is not None:
                 masks.apply()  # hold the masks: pruned filters cannot regrow
         net.eval()

@@ -33,7 +33,6 @@ from gradprune_mlflow.benchmark.baselines.training import sgd_finetune
 from gradprune_mlflow.benchmark.registry import Defended, register
 from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.sam import ascended
 from gradprune_mlflow.defense.triggers import Trigger
 
 # The authors' settings (BackdoorBench's ft_sam): rho 2, adaptive perturbation, label smoothing 0.1.
@@ -44,11 +43,22 @@ BACKOFF = 2  # retries at rho / 2, rho / 4 when no epoch stayed within the valid
 def sam_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, rho: float = RHO,
              adaptive: bool = ADAPTIVE, smoothing: float = SMOOTHING) -> None:
     """One SAM step on a batch: ascend to w + e within radius rho, descend from w with the gradient found there."""
+    params = [p for p in net.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(net(x), y, label_smoothing=smoothing).backward()
-    with ascended((p for p in net.parameters() if p.requires_grad), rho, adaptive):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y, label_smoothing=smoothing).backward()
+    params = [p for p in params if p.grad is not None]
+    with torch.no_grad():
+        # ASAM: e = rho T^2 g / ||T g|| with T = |w| elementwise; SAM: T = 1.
+        factors = [p.abs() if adaptive else torch.ones_like(p) for p in params]
+        norm = torch.stack([(t * p.grad).norm(2) for t, p in zip(factors, params, strict=True)]).norm(2)
+        originals = [p.detach().clone() for p in params]  # restored exactly: w + e - e need not be w in floats
+        for t, p in zip(factors, params, strict=True):
+            p.add_(t * t * p.grad * (rho / (norm + 1e-12)))
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y, label_smoothing=smoothing).backward()
+    with torch.no_grad():
+        for p, w in zip(params, originals, strict=True):
+            p.copy_(w)
     opt.step()
 
 
