@@ -114,6 +114,8 @@ FLAGGING = {"neural-cleanse", "grad-prune-free", "grad-prune-detect", "unlearn-f
 BASELINES = ("fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse")
 # Trigger-free Grad-Prune as the product runs it (clean models left alone) and sanitizing every model.
 TRIGGER_FREE = ("grad-prune-detect", "grad-prune-free")
+# The ASR goal (%) of each defense the goals are checked on; every one of them also has the 2-point drop goal.
+ASR_GOALS = {**dict.fromkeys(TRIGGER_FREE, 5.0), "grad-prune-fast": 2.0}
 
 
 def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
@@ -128,7 +130,7 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
             return c if c and c["n"] else None
 
         where = f"{arch}/{attack}/{n} per class"
-        for d, limit in ((TRIGGER_FREE[0], 5.0), (TRIGGER_FREE[1], 5.0), ("grad-prune-fast", 2.0)):
+        for d, limit in ASR_GOALS.items():
             c = cell(d)
             if c:
                 asr, drop = 100 * c["asr"][0], c["drop"][0]
@@ -168,8 +170,7 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
 def goals_markdown(rows: list[dict[str, str]]) -> str:
     checked = goals(rows)
     if not checked:
-        return (f"No goal applies to these rows (the goals are checked on the rows of {', '.join(TRIGGER_FREE)} "
-                "and grad-prune-fast).")
+        return f"No goal applies to these rows (the goals are checked on the rows of {', '.join(ASR_GOALS)})."
     lines = ["| goal | met | measured |", "|---|---|---|"]
     for goal, met, evidence in checked:
         lines.append(f"| {goal} | {'yes' if met else 'NO'} | {evidence} |")
