@@ -20,6 +20,7 @@ from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.metrics import batch_for
 from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import NoiseBlend
@@ -210,6 +211,7 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
     """Search both families for every class, run both probes and decide. `cfg` names synth_steps, synth_restarts,
     seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig). Returns the detection, the
     family results, the patch probe's hit when it flagged the class, and the noise responses."""
+    net = search_copy(net, data.images[:8])
     results = [synthesize(net, data.images, data.labels, num_classes, family, steps=cfg.synth_steps,
                           restarts=cfg.synth_restarts, generator=generator, progress=progress)
                for family in FAMILIES]

@@ -18,6 +18,7 @@ from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.probes import NOISE_ALPHA, PatchHit, densest_square, find_backdoor, square
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
+from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import (
     Detection,
     FamilyResult,
@@ -110,9 +111,10 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
     target = detection.target
     for rnd in range(1, cfg.recheck_rounds + 1):
         found = []
+        searched = search_copy(net, train.images[:8])
         for family in families:
             col = family.column(target)
-            again = synthesize(net, train.images, train.labels, len(family.sizes[0]), family.family,
+            again = synthesize(searched, train.images, train.labels, len(family.sizes[0]), family.family,
                                steps=cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen, progress=progress,
                                classes=[target])
             sizes = family.class_sizes().clone()
@@ -139,7 +141,8 @@ def with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: t
     Unlearning the blend family's triggers and fresh noise alone leaves a Blend model answering to the attacker's
     image; these patterns remove more of it (docs/algorithm.md, "The trigger"; measured in benchmarks/RESULTS.md).
     """
-    fixed = fixed_strength_blend(net, train.images, train.labels, target, NOISE_ALPHA, steps=cfg.fixed_blend_steps,
+    searched = search_copy(net, train.images[:8])
+    fixed = fixed_strength_blend(searched, train.images, train.labels, target, NOISE_ALPHA, steps=cfg.fixed_blend_steps,
                                  restarts=cfg.synth_restarts, generator=gen, progress=progress)
     if not fixed:  # no training image of another class: nothing to search with
         raise DataError("the clean set's training split has no image outside the flagged class; "

@@ -25,6 +25,7 @@ from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.metrics import accuracy
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import detect, synthesize
 from gradprune_mlflow.defense.triggers import Trigger
 
@@ -40,7 +41,8 @@ def neural_cleanse(
     work = copy.deepcopy(model).float().eval()
     net = Normalized(work, clean.meta.mean, clean.meta.std).to(_device(work))
     cfg, gen = SanitizeConfig(), torch.Generator().manual_seed(seed)
-    found = synthesize(net, train.images, train.labels, clean.meta.num_classes, "patch",
+    # the search copy Grad-Prune's synthesis uses too, so that the two are timed alike
+    found = synthesize(search_copy(net, train.images[:8]), train.images, train.labels, clean.meta.num_classes, "patch",
                        steps=steps or cfg.synth_steps,
                        restarts=cfg.synth_restarts, generator=gen, progress=SilentProgress())
     det = detect([found], MAD_THRESHOLD)

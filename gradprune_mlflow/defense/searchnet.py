@@ -1,0 +1,54 @@
+"""A fast copy of the model for searches that only read it: trigger synthesis, the probes, the verification.
+
+Those searches run thousands of forward and backward passes through a network whose weights stay fixed, so the copy
+may be rearranged for speed as long as it computes the same function: every BatchNorm that directly follows a conv is
+folded into that conv (eval mode, so it is an affine map), and on a CPU the tensors are laid out channels-last, which
+oneDNN's convolutions prefer. The result equals the model up to float rounding; a copy that does not, a model
+that cannot be rearranged (TorchScript, code that torch.fx cannot trace), or one whose trace holds its weights as
+constants rather than parameters (the pt2 adapter) falls back to a plain frozen copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+# Largest difference of the logits allowed between the model and its rearranged copy, relative to the logits' scale.
+TOLERANCE = 1e-4
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    net = net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _rearranged(net: nn.Module, device: torch.device) -> nn.Module:
+    out = fuse(net, inplace=False)  # symbolic trace, then conv+BatchNorm folding
+    if device.type == "cpu":
+        out = out.to(memory_format=torch.channels_last)
+    return out
+
+
+def search_copy(net: nn.Module, example: torch.Tensor) -> nn.Module:
+    """An eval-mode copy of `net` with frozen weights, rearranged for speed where it computes the same logits on
+    `example` (a few [0, 1] images of the model's input shape); `net` itself is not touched."""
+    plain = _frozen(copy.deepcopy(net))
+    device = next(plain.parameters()).device
+    try:
+        fast = _frozen(_rearranged(plain, device))
+        with torch.no_grad():
+            x = example.to(device)
+            want, got = plain(x), fast(x)
+    except Exception:  # whatever torch.fx cannot trace keeps the plain copy, which is always right
+        return plain
+    scale = float(want.abs().max()) + 1.0
+    if next(fast.parameters(), None) is None:  # the searches read the device off the parameters
+        return plain
+    if got.shape != want.shape or not torch.isfinite(got).all() or float((got - want).abs().max()) > TOLERANCE * scale:
+        return plain
+    return fast

@@ -1,0 +1,117 @@
+"""The search copy: the same function as the model, rearranged for speed, and the model itself untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from test_formats import SHAPE, pt2_folder, script_file, small
+from torch import fx, nn
+
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.searchnet import search_copy
+from gradprune_mlflow.defense.synthesis import synthesize
+from gradprune_mlflow.models.io import load_model
+
+
+def batchnorms(net: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def test_batchnorms_fold_into_the_convs_and_the_logits_stay_the_same(badnets_cnn, clean_set):
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std).train()
+    before = copy.deepcopy(net.state_dict())
+    fast = search_copy(net, clean_set.images[:8])
+    assert isinstance(fast, fx.GraphModule) and batchnorms(net) == 2 and batchnorms(fast) == 0
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    # the model it came from keeps its mode, its trainable weights and their values
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    x = clean_set.images[:200]
+    with torch.no_grad():
+        want, got = net.eval()(x), fast(x)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_a_torchvision_resnet_is_rearranged_with_the_same_logits():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    for m in net.modules():  # running statistics that are not the identity, so that folding them matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(4, 3, 32, 32)
+    fast = search_copy(net, x)
+    assert isinstance(fast, fx.GraphModule) and batchnorms(fast) == 0
+    with torch.no_grad():
+        assert torch.allclose(fast(x), net(x), atol=1e-4)
+
+
+class Branchy(nn.Module):
+    """Control flow on the data: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.mean() > 0:
+            h = h.relu()
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_model_that_cannot_be_traced_gets_a_plain_frozen_copy():
+    net = Branchy().eval()
+    x = torch.rand(4, 1, 8, 8)
+    fast = search_copy(net, x)
+    assert isinstance(fast, Branchy) and fast is not net and batchnorms(fast) == 1
+    assert not any(p.requires_grad for p in fast.parameters()) and all(p.requires_grad for p in net.parameters())
+    with torch.no_grad():
+        assert torch.equal(fast(x), net(x))
+
+
+class Wrong(nn.Module):
+    """Traces, but its traced form computes something else than it does: a counter shared by every copy is baked
+    into the trace as the value it had then."""
+
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x):
+        Wrong.calls += 1
+        return self.conv(x).mean((2, 3)) * Wrong.calls
+
+
+def test_a_copy_whose_logits_differ_is_not_used():
+    net = Wrong().eval()
+    fast = search_copy(net, torch.rand(2, 1, 8, 8))
+    assert isinstance(fast, Wrong)
+
+
+def test_synthesis_through_the_copy_finds_the_same_sizes(badnets_cnn, clean_set):
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std).eval()
+    runs = []
+    for model in (net, search_copy(net, clean_set.images[:8])):
+        runs.append(synthesize(model, clean_set.images[:200], clean_set.labels[:200], 10, "patch", steps=5,
+                               restarts=1, generator=torch.Generator().manual_seed(0), progress=SilentProgress()))
+    assert torch.allclose(runs[0].sizes, runs[1].sizes, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_a_saved_format_adapter_gets_a_copy_with_parameters_and_the_same_logits(fmt, tmp_path):
+    saved = pt2_folder(tmp_path / "pt2", small()) if fmt == "pt2" else script_file(tmp_path / "s.pt", small())
+    loaded = load_model(saved).eval()
+    x = torch.rand(8, *SHAPE, generator=torch.Generator().manual_seed(0))
+    fast = search_copy(loaded, x)
+    assert next(fast.parameters(), None) is not None
+    with torch.no_grad():
+        assert torch.allclose(fast(x), loaded(x), atol=1e-4)
