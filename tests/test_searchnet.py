@@ -51,6 +51,25 @@ def test_a_torchvision_resnet_is_rearranged_with_the_same_logits():
         assert torch.allclose(fast(x), net(x), atol=1e-4)
 
 
+def test_a_hooked_model_keeps_its_hook_and_folds_inside_it(badnets_cnn, clean_set):
+    """The benchmark counts backward passes with a forward hook on the model: the copy must still run it."""
+    from gradprune_mlflow.benchmark.counting import BackwardCounter
+
+    model = copy.deepcopy(badnets_cnn).eval()
+    with BackwardCounter(model) as counter:
+        net = Normalized(model, clean_set.meta.mean, clean_set.meta.std)
+        fast = search_copy(net, clean_set.images[:8])
+        assert batchnorms(fast) == 0 and fast.model._forward_hooks
+        x = clean_set.images[:16].clone().requires_grad_()
+        fast(x).sum().backward()
+        assert counter.count == 1
+        synthesize(fast, clean_set.images[:100], clean_set.labels[:100], 10, "blend", steps=3, restarts=1,
+                   generator=torch.Generator().manual_seed(0), progress=SilentProgress())
+        assert counter.count == 1 + 3 * 2  # ten rows of 24 images: two passes of five rows a step
+        with torch.no_grad():
+            assert torch.allclose(fast(clean_set.images[:50]), net(clean_set.images[:50]), atol=1e-4)
+
+
 class Branchy(nn.Module):
     """Control flow on the data: torch.fx cannot trace it."""
 
