@@ -44,3 +44,17 @@ def test_cuda_model_comes_back_on_cpu_and_agrees_with_the_cpu_run(runs, clean_se
     on_cpu = evaluate(Normalized(copy.deepcopy(cpu), meta.mean, meta.std).eval(), fashion_test, TRIGGER)
     assert abs(on_gpu["clean_accuracy"] - on_cpu["clean_accuracy"]) <= 0.02
     assert on_gpu == runs["cuda"].report["after"]
+
+
+def test_search_copy_on_cuda_folds_the_batchnorms_and_keeps_the_logits(badnets_cnn, clean_set):
+    from gradprune_mlflow.defense.searchnet import search_copy
+
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std).cuda().eval()
+    fast = search_copy(net, clean_set.images[:8])
+    assert next(fast.parameters()).device.type == "cuda"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = clean_set.images[:200].cuda()
+    with torch.no_grad():  # TF32 convolutions on both sides: rounding, not a wrong trace
+        want = net(x)
+        assert (fast(x) - want).abs().max() <= 2e-2 * (want.abs().max() + 1)
+        assert (fast(x).argmax(1) == want.argmax(1)).float().mean() > 0.98

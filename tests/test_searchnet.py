@@ -134,3 +134,13 @@ def test_a_saved_format_adapter_gets_a_copy_with_parameters_and_the_same_logits(
     assert next(fast.parameters(), None) is not None
     with torch.no_grad():
         assert torch.allclose(fast(x), loaded(x), atol=1e-4)
+
+
+def test_the_check_allows_tf32_rounding_on_cuda_only(monkeypatch):
+    from gradprune_mlflow.defense import searchnet
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert searchnet._tolerance(torch.device("cuda")) == searchnet.TF32_TOLERANCE
+    assert searchnet._tolerance(torch.device("cpu")) == searchnet.TOLERANCE < searchnet.TF32_TOLERANCE
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert searchnet._tolerance(torch.device("cuda")) == searchnet.TOLERANCE

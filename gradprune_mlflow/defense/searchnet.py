@@ -16,8 +16,15 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-# Largest difference of the logits allowed between the model and its rearranged copy, relative to the logits' scale.
+# Largest difference of the logits allowed between the model and its rearranged copy, relative to the logits' scale:
+# the check is there to catch a wrong trace, not rounding. CUDA convolutions in TF32 (PyTorch's default) round each
+# product to about 1e-3, so the two can differ by more there without either being wrong.
 TOLERANCE = 1e-4
+TF32_TOLERANCE = 2e-2
+
+
+def _tolerance(device: torch.device) -> float:
+    return TF32_TOLERANCE if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else TOLERANCE
 
 
 def _frozen(net: nn.Module) -> nn.Module:
@@ -60,9 +67,9 @@ def search_copy(net: nn.Module, example: torch.Tensor) -> nn.Module:
             want, got = plain(x), fast(x)
     except Exception:  # whatever torch.fx cannot trace keeps the plain copy, which is always right
         return plain
-    scale = float(want.abs().max()) + 1.0
     if next(fast.parameters(), None) is None:  # the searches read the device off the parameters
         return plain
-    if got.shape != want.shape or not torch.isfinite(got).all() or float((got - want).abs().max()) > TOLERANCE * scale:
+    if got.shape != want.shape or not torch.isfinite(got).all():
         return plain
-    return fast
+    scale = float(want.abs().max()) + 1.0
+    return fast if float((got - want).abs().max()) <= _tolerance(device) * scale else plain
