@@ -144,3 +144,14 @@ def test_the_check_allows_tf32_rounding_on_cuda_only(monkeypatch):
     assert searchnet._tolerance(torch.device("cpu")) == searchnet.TOLERANCE < searchnet.TF32_TOLERANCE
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert searchnet._tolerance(torch.device("cuda")) == searchnet.TOLERANCE
+
+
+def test_a_search_copy_given_back_is_not_copied_again(badnets_cnn, clean_set):
+    """One model, several searches (detection, then the fixed-strength blend): one copy, traced once."""
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std)
+    fast = search_copy(net, clean_set.images[:8])
+    assert search_copy(fast, clean_set.images[:8]) is fast
+    assert search_copy(net, clean_set.images[:8]) is not fast  # the model itself is copied afresh every time
+    x = torch.rand(4, 1, 8, 8)
+    plain = search_copy(Branchy().eval(), x)  # the fallback copy of a model torch.fx cannot trace
+    assert isinstance(plain, Branchy) and search_copy(plain, x) is plain

@@ -119,7 +119,7 @@ def run_sanitize(
         if trigger is None and cfg.verify:
             # Last, on a copy, with its own generator: it changes neither the weights nor the defense's draws.
             with timings("verification"):
-                verified = verify(net, val, meta.num_classes, cfg, progress, device=device,
+                verified = verify(net, val, meta.num_classes, cfg, progress,
                                   defended_target=detection.target if detection.flagged else None)
     progress.close()
 

@@ -21,6 +21,8 @@ from torch.fx.experimental.optimization import fuse
 # product to about 1e-3, so the two can differ by more there without either being wrong.
 TOLERANCE = 1e-4
 TF32_TOLERANCE = 2e-2
+# Set on every copy search_copy returns: handing one back in returns it as it is rather than copying it again.
+MARK = "is_search_copy"
 
 
 def _tolerance(device: torch.device) -> float:
@@ -31,6 +33,11 @@ def _frozen(net: nn.Module) -> nn.Module:
     net = net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    return net
+
+
+def _marked(net: nn.Module) -> nn.Module:
+    setattr(net, MARK, True)
     return net
 
 
@@ -57,8 +64,11 @@ def _rearranged(net: nn.Module, device: torch.device) -> nn.Module:
 
 def search_copy(net: nn.Module, example: torch.Tensor) -> nn.Module:
     """An eval-mode copy of `net` with frozen weights, rearranged for speed where it computes the same logits on
-    `example` (a few [0, 1] images of the model's input shape); `net` itself is not touched."""
-    plain = _frozen(copy.deepcopy(net))
+    `example` (a few [0, 1] images of the model's input shape); `net` itself is not touched. A search copy given
+    back is returned as it is: its weights are frozen, so it still computes what it was checked to compute."""
+    if getattr(net, MARK, False):
+        return net
+    plain = _marked(_frozen(copy.deepcopy(net)))
     device = next(plain.parameters()).device
     try:
         fast = _frozen(_rearranged(plain, device))
@@ -67,6 +77,7 @@ def search_copy(net: nn.Module, example: torch.Tensor) -> nn.Module:
             want, got = plain(x), fast(x)
     except Exception:  # whatever torch.fx cannot trace keeps the plain copy, which is always right
         return plain
+    fast = _marked(fast)
     if next(fast.parameters(), None) is None:  # the searches read the device off the parameters
         return plain
     if got.shape != want.shape or not torch.isfinite(got).all():

@@ -168,8 +168,10 @@ class Found:
 def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator,
                   progress: Progress, timings: PhaseTimer) -> Found:
     """Search every class in every family, decide, and build the unlearning mix (docs/algorithm.md, "The trigger")."""
+    # one search copy for every search of this model before it changes (find_backdoor's and the fixed blend's)
+    searched = search_copy(net, train.images[:8])
     with timings("synthesis"):
-        detection, families, hit, responses = synthesized_families(net, train, cfg, k, gen, progress)
+        detection, families, hit, responses = synthesized_families(searched, train, cfg, k, gen, progress)
     target = detection.target
     synthesized = [t for res in families for t in res.triggers(target)]  # flagging family first
     measure_with = families[0].smallest_trigger(target)
@@ -184,7 +186,7 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         unlearn = TriggerMix([hit.trigger, unlearn], gen)
     elif detection.family == "blend" and cfg.fixed_blend_steps and (detection.flagged or cfg.on_clean == "sanitize"):
         with timings("synthesis"):
-            fixed, unlearn = with_fixed_blend(net, train, target, cfg, gen, progress, unlearn)
+            fixed, unlearn = with_fixed_blend(searched, train, target, cfg, gen, progress, unlearn)
         synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
     unlearn = with_agnostic(unlearn, net, target, cfg, gen)
     return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps)

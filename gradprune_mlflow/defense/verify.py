@@ -9,7 +9,6 @@ defense's own thresholds; nothing here is tuned for it.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,25 +59,23 @@ class Verification:
 
 
 def verify(net: nn.Module, val: Split, num_classes: int, cfg, progress: Progress, *,
-           defended_target: int | None = None, device: torch.device | None = None) -> Verification:
+           defended_target: int | None = None) -> Verification:
     """Search `net` (taking [0, 1] pixels) for a remaining backdoor on `val`; `net` itself is not touched.
 
     `cfg` is the run's SanitizeConfig: its synthesis budget and thresholds are the defense's, its seed is offset.
     `defended_target` is the class the defense flagged, to say whether the same class is found again.
     """
-    # A copy in eval mode: the search freezes and unfreezes parameters, and BatchNorm must not learn from it.
-    probe = copy.deepcopy(net).eval()
-    if device is not None:
-        probe = probe.to(device)
     seed = cfg.seed + SEED_OFFSET
     generator = torch.Generator().manual_seed(seed)
-    detection, results, hit, _ = find_backdoor(probe, val, num_classes, replace(cfg, seed=seed), generator, progress)
+    # find_backdoor searches a frozen copy of `net`; the found trigger is measured on `net` itself (eval mode, no
+    # gradients), so the rate is the sanitized model's own
+    detection, results, hit, _ = find_backdoor(net, val, num_classes, replace(cfg, seed=seed), generator, progress)
     if hit is not None:
         trigger: Trigger = hit.trigger
     else:
         family = next(r for r in results if r.family == detection.family)
         trigger = family.smallest_trigger(detection.target)
-    rate = attack_metrics(probe, val, trigger)[0]
+    rate = attack_metrics(net, val, trigger)[0]
     return Verification(len(val), detection.flagged, detection.target, detection.anomaly_index,
                         detection.flagged_by, detection.family, rate,
                         detection.flagged and detection.target == defended_target)
