@@ -56,6 +56,8 @@ def class_evidence(model, clean, seed: int) -> dict:
     by_family = {r.family: r for r in results}
     hits = detection.probes["patch"]
     out = {"patch_probe": [h["best"] for h in sorted(hits, key=lambda h: h["target"])], "noise_probe": noise}
+    if "warp" in detection.probes:
+        out["warp_probe"] = detection.probes["warp"]
     for family, res in by_family.items():
         idx = anomaly_index(res.class_sizes())
         out[f"{family}_index"] = [round(float(idx[res.column(c)]), 4) for c in range(k)]
@@ -126,7 +128,9 @@ def collect(args) -> None:
 def scored(row: dict, t: Thresholds):
     """The flag score of one model's line under thresholds `t`."""
     c = row["classes"]
-    return flag_score(strengths(c["patch_probe"], c["noise_probe"], c["blend_index"], c["blend_relative"], t), t)
+    # lines collected before the warp probe existed have no "warp_probe": scored without it
+    return flag_score(strengths(c["patch_probe"], c["noise_probe"], c["blend_index"], c["blend_relative"], t,
+                                c.get("warp_probe")), t)
 
 
 def summary(rows: list[dict], t: Thresholds) -> dict:

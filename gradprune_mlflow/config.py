@@ -26,6 +26,12 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
 }
 
 
+def warp_steps(cfg: Any) -> int:
+    """The warp probe's search steps: `cfg.warp_steps`, or half the synthesis steps when it is unset (so that a
+    smaller synthesis budget shrinks the probe with it). `cfg` is a SanitizeConfig or the evaluator's EvalConfig."""
+    return cfg.synth_steps // 2 if cfg.warp_steps is None else cfg.warp_steps
+
+
 @dataclass(frozen=True)
 class SanitizeConfig:
     # "fast": layer-normalised scores, several filters per step; "paper": the authors' one-filter-per-step loop.
@@ -85,6 +91,12 @@ class SanitizeConfig:
     # A class is flagged when uniform noise alone (strength 0.2) sends more than this fraction of the other classes'
     # trusted images to it; fresh noise then joins the blend family's unlearning triggers.
     noise_threshold: float = 0.5
+    # A class is flagged when a smooth warp that moves no pixel more than one pixel sends this fraction of the other
+    # classes' trusted images to it (defense/warp.py: warp triggers such as WaNet's), found in `warp_steps` steps of
+    # a search for every class (unset: half of synth_steps; 0 turns the warp probe off). It shares its vote with the
+    # noise probe.
+    warp_threshold: float = 0.5
+    warp_steps: int | None = None
     # The flag decision combines the detectors above into one score per class (defense/evidence.py): each votes
     # 0.5 at its own threshold, rising with this slope; the class is flagged when the combined score reaches
     # `flag_threshold`. Below that but at or above `suspect_threshold` (set above the scores of the development
@@ -114,6 +126,8 @@ class SanitizeConfig:
     def resolved(self, name: str) -> Any:
         """The setting `name`, with None replaced by its mode's default (MODE_DEFAULTS)."""
         value = getattr(self, name)
+        if name == "warp_steps":
+            return warp_steps(self)
         if value is None and name in MODE_DEFAULTS:
             return MODE_DEFAULTS[name][self.mode == "fast"]
         return value
@@ -146,6 +160,12 @@ class SanitizeConfig:
             raise BadInput(f"agnostic_eps must be in (0, 1], got {self.agnostic_eps}")
         if isinstance(self.agnostic_steps, bool) or not isinstance(self.agnostic_steps, int) or self.agnostic_steps < 1:
             raise BadInput(f"agnostic_steps must be a whole number of at least 1, got {self.agnostic_steps!r}")
+        if self.warp_steps is not None and (isinstance(self.warp_steps, bool) or not isinstance(self.warp_steps, int)
+                                            or self.warp_steps < 0):
+            raise BadInput(f"warp_steps must be a whole number of at least 0, or unset; got {self.warp_steps!r}")
+        if isinstance(self.warp_threshold, bool) or not isinstance(self.warp_threshold, int | float) \
+                or not 0.0 < self.warp_threshold <= 1.0:
+            raise BadInput(f"warp_threshold must be in (0, 1], got {self.warp_threshold!r}")
         if isinstance(self.flag_slope, bool) or not isinstance(self.flag_slope, int | float) or self.flag_slope <= 0:
             raise BadInput(f"flag_slope must be a positive number, got {self.flag_slope!r}")
         if not 0.0 < self.suspect_threshold <= self.flag_threshold < 1.0:

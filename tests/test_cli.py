@@ -254,7 +254,7 @@ def test_a_suspect_model_exits_5_with_its_score_and_writes_no_model(tmp_path, cl
     report = json.loads((out / "report.json").read_text())
     score = report["detection"]["score"]
     assert score["verdict"] == "suspect" and 0.001 <= score["value"] < 0.999 and not report["detection"]["flagged"]
-    assert set(score["contributions"]) == {"patch_probe", "noise_probe", "blend_anomaly"}
+    assert set(score["contributions"]) == {"patch_probe", "noise_probe", "warp_probe", "blend_anomaly"}
     assert not (out / "model").exists()
     assert "suspect: flag score" in done.stdout
 

@@ -8,8 +8,8 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import DETECTORS, Thresholds, class_scores, describe, flag_score, strengths, vote
 from gradprune_mlflow.errors import BadInput
 
-T = Thresholds(patch_threshold=0.9, noise_threshold=0.5, anomaly_threshold=2.0, relative_size=0.5, flag_slope=4.0,
-               flag_threshold=0.5, suspect_threshold=0.35)
+T = Thresholds(patch_threshold=0.9, noise_threshold=0.5, warp_threshold=0.5, anomaly_threshold=2.0, relative_size=0.5,
+               flag_slope=4.0, flag_threshold=0.5, suspect_threshold=0.35)
 
 
 def _evidence(patch=(0.1, 0.1, 0.1), noise=(0.0, 0.0, 0.0), index=(0.0, 0.0, 0.0), relative=(1.0, 1.0, 1.0)):
@@ -34,7 +34,7 @@ def test_strengths_put_each_detector_over_its_own_threshold():
 
 def test_one_detector_at_its_threshold_flags_as_it_did_alone():
     for k, detector in enumerate(DETECTORS):
-        evidence = {d: [0.0] * 3 for d in DETECTORS}
+        evidence = {d: [0.0] * len(DETECTORS) for d in DETECTORS}
         evidence[detector][k] = 1.0
         score = flag_score(evidence, T)
         assert (score.verdict, score.best.target, score.best.lead) == ("flagged", k, detector)
@@ -49,13 +49,27 @@ def test_the_score_combines_votes_as_a_noisy_or_and_the_best_class_wins():
     assert flag_score(evidence, T).best.target == 0
 
 
+def test_the_noise_and_warp_probes_share_one_vote():
+    """Two probes of one question: the class gets the larger of their votes, so a warp probe that finds nothing
+    leaves every class's score where the noise probe and the others put it."""
+    base = {"patch_probe": [0.3, 0.2], "noise_probe": [0.4, 0.1], "blend_anomaly": [0.5, 0.0]}
+    without = class_scores(base, 4.0)
+    quiet = class_scores({**base, "warp_probe": [0.2, 0.05]}, 4.0)
+    assert [c.score for c in quiet] == pytest.approx([c.score for c in without])
+    loud = class_scores({**base, "warp_probe": [1.2, 0.05]}, 4.0)[0]
+    p, w, b = (vote(s, 4.0) for s in (0.3, 1.2, 0.5))
+    assert loud.score == pytest.approx(1 - (1 - p) * (1 - w) * (1 - b)) and loud.lead == "warp_probe"
+    # a probe that did not run is absent from the report, not a zero
+    assert "warp_probe" not in flag_score(base, T).to_report()["contributions"]
+
+
 def test_verdicts_and_report():
     evidence = {"patch_probe": [0.7, 0.1], "noise_probe": [0.7, 0.0], "blend_anomaly": [0.0, 0.0]}
     score = flag_score(evidence, T)
     assert score.verdict == "suspect"
     report = score.to_report()
     assert report["verdict"] == "suspect" and report["class"] == 0 and report["threshold"] == 0.5
-    assert set(report["contributions"]) == set(DETECTORS)
+    assert set(report["contributions"]) == set(evidence)  # the detectors that ran
     assert report["contributions"]["patch_probe"] == {"strength": 0.7, "vote": round(vote(0.7, 4.0), 4)}
     line = describe(report)
     assert line.startswith(f"flag score {report['value']:.2f} for class 0") and "patch probe 0.70" in line

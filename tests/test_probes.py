@@ -40,7 +40,7 @@ QUIET = [_hit(k, 0.3) for k in range(K)]
 
 
 # patch 0.9, noise 0.5, anomaly index 2, relative strength 0.5; slope 4, flagged at 0.5, suspect from 0.35
-THRESHOLDS = Thresholds(0.9, 0.5, 2.0, 0.5, 4.0, 0.5, 0.35)
+THRESHOLDS = Thresholds(0.9, 0.5, 0.5, 2.0, 0.5, 4.0, 0.5, 0.35)
 
 
 def _decide(patch, blend, hits=QUIET, noise=(0.01,) * K):
@@ -226,3 +226,20 @@ def test_the_patch_probe_prefers_the_smallest_square_that_works():
     hit = patch_probe(_CornerSquare(), data, family)[0]
     assert hit.best == 1.0 and hit.response == 1.0
     assert (hit.fill, hit.window) == ("white", (25, 25, 3))
+
+
+def test_a_class_the_warp_probe_leads_is_flagged_and_unlearned_with_its_warps():
+    from gradprune_mlflow.defense.warp import FlowTrigger, WarpHit
+
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", FLAT)
+    flat = [FlowTrigger(k, torch.zeros(2, 4, 4)) for k in range(K)]
+    warps = [WarpHit(k, 0.8 if k == 4 else 0.05, flat[k], [flat[k]]) for k in range(K)]
+    found, hit = decide(detect([patch, blend], 2.0), [patch, blend], QUIET, [0.01] * K, THRESHOLDS, warps)
+    assert (found.flagged_by, found.target, found.family, hit) == ("warp_probe", 4, "blend", warps[4])
+    report = found.to_report()
+    assert report["probes"]["warp"][4] == 0.8 and report["score"]["lead"] == "warp_probe"
+    assert {"detector": "warp_probe", "class": 4, "score": 0.8, "threshold": 0.5, "fires": True} in \
+        report["probes"]["evidence"]
+    # without the warp probe the same evidence flags nothing, and the report has no warp entry
+    quiet, _ = decide(detect([patch, blend], 2.0), [patch, blend], QUIET, [0.01] * K, THRESHOLDS)
+    assert not quiet.flagged and "warp" not in quiet.to_report()["probes"]

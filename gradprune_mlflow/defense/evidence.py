@@ -4,6 +4,7 @@ Each detector's evidence for a class is first put on a common scale, its *streng
 own threshold, so that 1 is where that detector alone would fire. A logistic curve turns a strength into the
 detector's *vote* (0.5 at its threshold, `slope` sets how fast it rises), and a class's score is the chance that at
 least one vote is right (noisy-or): two detectors close to their thresholds add up, as one far above its own does.
+The two whole-image probes (noise and warp) share one vote, the larger of theirs (SHARED).
 The model's score is its best class's. At or above `flag_threshold` that class is flagged; between the
 `suspect_threshold` (chosen above the scores of the development clean models, docs/algorithm.md) and the flag
 threshold the model is *suspect*: no detector is sure, but the evidence is stronger than clean models show.
@@ -16,7 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The detectors that vote, in the order a tie is broken (the patch probe's square is the most concrete trigger).
-DETECTORS = ("patch_probe", "noise_probe", "blend_anomaly")
+DETECTORS = ("patch_probe", "noise_probe", "warp_probe", "blend_anomaly")
+# Detectors that share one vote, the larger of theirs. The noise and warp probes ask one question (does a whole-image
+# perturbation that keeps the content send the other classes here?) with two perturbations; and a logistic vote is
+# never 0, so a detector with a vote of its own would raise every class's score, the clean models' that the
+# thresholds were chosen above included.
+SHARED = (("noise_probe", "warp_probe"),)
 # Strengths are capped here so that a report stays finite (any strength this large votes 1).
 MAX_STRENGTH = 1000.0
 
@@ -27,6 +33,7 @@ class Thresholds:
 
     patch_threshold: float
     noise_threshold: float
+    warp_threshold: float
     anomaly_threshold: float
     relative_size: float
     flag_slope: float
@@ -36,23 +43,28 @@ class Thresholds:
     @classmethod
     def of(cls, cfg) -> Thresholds:
         """The thresholds of a SanitizeConfig or the evaluator's EvalConfig."""
-        return cls(cfg.patch_threshold, cfg.noise_threshold, cfg.anomaly_threshold, cfg.relative_size,
-                   cfg.flag_slope, cfg.flag_threshold, cfg.suspect_threshold)
+        return cls(cfg.patch_threshold, cfg.noise_threshold, cfg.warp_threshold, cfg.anomaly_threshold,
+                   cfg.relative_size, cfg.flag_slope, cfg.flag_threshold, cfg.suspect_threshold)
 
 
 def strengths(patch: Sequence[float], noise: Sequence[float], blend_index: Sequence[float],
-              blend_relative: Sequence[float], t: Thresholds) -> dict[str, list[float]]:
+              blend_relative: Sequence[float], t: Thresholds, warp: Sequence[float] | None = None
+              ) -> dict[str, list[float]]:
     """Per detector, per class: its evidence over its own threshold.
 
-    patch: the patch probe's best response; noise: the noise probe's response; blend: the class's anomaly index in the
+    patch: the patch probe's best response; noise: the noise probe's response; warp: the warp probe's (None when it
+    did not run: the detector is then absent); blend: the class's anomaly index in the
     blend family *and* its blend strength relative to the median class's, which must both pass (an easy natural class
     can have a high index, never also a much weaker blend: probes.decide), so the weaker of the two counts.
     """
     blend = [min(_over(i, t.anomaly_threshold), _over(t.relative_size, r))
              for i, r in zip(blend_index, blend_relative, strict=True)]
-    return {"patch_probe": [_over(p, t.patch_threshold) for p in patch],
-            "noise_probe": [_over(n, t.noise_threshold) for n in noise],
-            "blend_anomaly": blend}
+    out = {"patch_probe": [_over(p, t.patch_threshold) for p in patch],
+           "noise_probe": [_over(n, t.noise_threshold) for n in noise],
+           "blend_anomaly": blend}
+    if warp is not None:
+        out["warp_probe"] = [_over(w, t.warp_threshold) for w in warp]
+    return out
 
 
 def _over(evidence: float, threshold: float) -> float:
@@ -79,16 +91,21 @@ class ClassScore:
     @property
     def lead(self) -> str:
         """The detector with the largest vote (ties in DETECTORS' order): what the class is unlearned as."""
-        return max(DETECTORS, key=lambda d: (self.votes[d], -DETECTORS.index(d)))
+        return max(self.votes, key=lambda d: (self.votes[d], -DETECTORS.index(d)))
 
 
 def class_scores(by_detector: dict[str, list[float]], slope: float) -> list[ClassScore]:
-    """Every class's noisy-or score of its detectors' votes."""
+    """Every class's noisy-or score of its detectors' votes (a SHARED group's counting once, its largest); a detector
+    missing from `by_detector` did not run and does not vote."""
+    present = [d for d in DETECTORS if d in by_detector]
     out = []
-    for k in range(len(by_detector[DETECTORS[0]])):
-        s = {d: by_detector[d][k] for d in DETECTORS}
-        v = {d: vote(s[d], slope) for d in DETECTORS}
-        out.append(ClassScore(k, 1.0 - math.prod(1.0 - x for x in v.values()), s, v))
+    for k in range(len(by_detector[present[0]])):
+        s = {d: by_detector[d][k] for d in present}
+        v = {d: vote(s[d], slope) for d in present}
+        grouped = [d for group in SHARED for d in group]
+        shared = [max((v[d] for d in group if d in v), default=0.0) for group in SHARED]
+        alone = [v[d] for d in present if d not in grouped]
+        out.append(ClassScore(k, 1.0 - math.prod(1.0 - x for x in alone + shared), s, v))
     return out
 
 
@@ -112,7 +129,7 @@ class FlagScore:
         return {"verdict": self.verdict, "value": round(b.score, 4), "class": b.target, "lead": b.lead,
                 "threshold": self.flag_threshold, "suspect_threshold": self.suspect_threshold,
                 "contributions": {d: {"strength": round(b.strengths[d], 4), "vote": round(b.votes[d], 4)}
-                                  for d in DETECTORS}}
+                                  for d in b.votes}}
 
 
 def flag_score(by_detector: dict[str, list[float]], t: Thresholds) -> FlagScore:

@@ -61,6 +61,15 @@ def logits(net: nn.Module, images: torch.Tensor, batch_size: int | None = None) 
     return torch.cat(out) if out else torch.empty(0)
 
 
+@torch.no_grad()
+def target_rate(net: nn.Module, images: torch.Tensor, target: int) -> float:
+    """The fraction of `images` that `net` (a frozen search copy, in eval mode) puts in class `target`: how a probe
+    measures its candidate trigger."""
+    device = next(net.parameters()).device
+    hits = sum(int((net(x.to(device)).argmax(1) == target).sum()) for x in images.split(batch_for(device)))
+    return hits / max(len(images), 1)
+
+
 def accuracy(net: nn.Module, data: Split, batch_size: int | None = None) -> float:
     """Fraction of `data` classified correctly."""
     if len(data) == 0:

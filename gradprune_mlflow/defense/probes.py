@@ -16,14 +16,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradprune_mlflow.config import warp_steps
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
-from gradprune_mlflow.defense.metrics import batch_for
+from gradprune_mlflow.defense.metrics import batch_for, target_rate
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import NoiseBlend
+from gradprune_mlflow.defense.warp import WarpHit, warp_probe
 
 # The patch probe's square covers at most this fraction of the image (4x4 on 28x28; 5x5 on 32x32).
 PATCH_AREA = 0.02
@@ -31,6 +33,8 @@ PATCH_AREA = 0.02
 PROBE_IMAGES = 400
 # A plain (white or black) square this close to the best response is preferred to the synthesized fill.
 PLAIN_MARGIN = 0.02
+# Added to the seed for the warp probe's own generator: it draws none of the defense's random numbers.
+WARP_SEED = 7919
 # The strength at which the noise probe blends uniform noise in (and trigger-free mode searches a fixed-strength
 # blend pattern for a class flagged in the blend family).
 NOISE_ALPHA = 0.2
@@ -68,12 +72,6 @@ def square(shape: tuple[int, int, int], top: int, left: int, side: int) -> torch
     return window
 
 
-def _rate(net: nn.Module, images: torch.Tensor, target: int) -> float:
-    device = next(net.parameters()).device
-    hits = sum(int((net(x.to(device)).argmax(1) == target).sum()) for x in images.split(batch_for(device)))
-    return hits / max(len(images), 1)
-
-
 @torch.no_grad()
 def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = PATCH_AREA) -> list[PatchHit]:
     """For every class of the patch family's search: the best tiny square (at most `area` of the image), placed
@@ -99,7 +97,7 @@ def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = 
                 fills = (("white", torch.ones(shape)), ("black", torch.zeros(shape)), ("synthesized", trig.pattern))
                 for fill, pattern in fills:
                     candidate = MaskTrigger(k, window, pattern, source=f"probe-{fill}")
-                    found.append(PatchHit(k, _rate(net, candidate.apply(others), k), candidate, fill,
+                    found.append(PatchHit(k, target_rate(net, candidate.apply(others), k), candidate, fill,
                                           (top, left, side)))
         # Within PLAIN_MARGIN of the best, a plain fill wins, then the smaller square, then the higher response:
         # the square that flagged the class is unlearned, and it should be the real patch, not one around it:
@@ -141,7 +139,7 @@ def relative_size(result: FamilyResult, k: int) -> float:
 
 
 def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], noise: list[float], blend: list[float],
-             relative: list[float] | None, t: Thresholds) -> list[dict]:
+             relative: list[float] | None, t: Thresholds, warp: list[float] | None = None) -> list[dict]:
     """Each detector's evidence for its strongest class: {"detector", "class", "score", "threshold", "fires"}.
     The blend anomaly's score is the class's blend strength over the median class's (`relative`, None without a blend
     family), for the class whose index and strength together are strongest (`blend`: the blend anomaly's strengths);
@@ -156,6 +154,10 @@ def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], noise: list[f
         top = max(range(len(noise)), key=noise.__getitem__)
         out.append({"detector": "noise_probe", "class": top, "score": round(noise[top], 4),
                     "threshold": t.noise_threshold, "fires": noise[top] >= t.noise_threshold})
+    if warp:
+        top = max(range(len(warp)), key=warp.__getitem__)
+        out.append({"detector": "warp_probe", "class": top, "score": round(warp[top], 4),
+                    "threshold": t.warp_threshold, "fires": warp[top] >= t.warp_threshold})
     if relative is not None:
         k = max(range(len(blend)), key=blend.__getitem__)
         out.append({"detector": "blend_anomaly", "class": k, "score": round(relative[k], 4),
@@ -168,12 +170,13 @@ def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], noise: list[f
 
 
 def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHit], noise: list[float],
-           t: Thresholds) -> tuple[Detection, PatchHit | None]:
+           t: Thresholds, warp: list[WarpHit] | None = None) -> tuple[Detection, PatchHit | WarpHit | None]:
     """Score every class on every detector's evidence (defense/evidence.py) and flag the best class when its score
-    reaches the flag threshold; returns the detection and, when the patch probe led the flag, its hit.
+    reaches the flag threshold; returns the detection and, when the patch or the warp probe led the flag, its hit.
 
     The detectors: the patch probe (a tiny square sends most of the other classes' images to the class), the noise
-    probe (uniform noise does), and the blend anomaly (the class's anomaly index in the blend family *and* its blend
+    probe (uniform noise does), the warp probe (a smooth sub-pixel warp does; `warp`, None when it did not run:
+    defense/warp.py), and the blend anomaly (the class's anomaly index in the blend family *and* its blend
     strength against the median class's). The anomaly index alone is no detector: on clean models the top class can
     score as high as backdoor targets do; what sets a target apart is its blend strength relative to the median
     class's (benchmarks/results/probe-detection.md). The lead detector says how the flagged class is unlearned: as
@@ -190,32 +193,40 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
         blend_relative = [relative_size(blend_family, k) for k in range(num_classes)]
     else:
         blend_index, blend_relative = [0.0] * num_classes, [1.0] * num_classes
-    by_detector = strengths(patch, noise, blend_index, blend_relative, t)
+    warp_rates = [h.response for h in warp] if warp else None
+    by_detector = strengths(patch, noise, blend_index, blend_relative, t, warp_rates)
     score = flag_score(by_detector, t)
     probes = {"patch": [h.to_report() for h in hits], "noise": [round(r, 4) for r in noise],
               "evidence": evidence(index, hits, noise, by_detector["blend_anomaly"],
-                                   blend_relative if blend_family is not None else None, t)}
+                                   blend_relative if blend_family is not None else None, t, warp_rates)}
+    if warp_rates is not None:
+        probes["warp"] = [round(r, 4) for r in warp_rates]
     if score.verdict != "flagged":
         return replace(detection, flagged=False, flagged_by=None, probes=probes, score=score.to_report()), None
     k, lead = score.best.target, score.best.lead
     family = "patch" if lead == "patch_probe" and k in best_by_class else "blend"
     res = by_family[family]
-    flagged_by = {"patch_probe": "patch_probe", "noise_probe": "noise_probe"}.get(lead, "anomaly_index")
+    flagged_by = lead if lead in ("patch_probe", "noise_probe", "warp_probe") else "anomaly_index"
     flagged = Detection(k, float(index[family][res.column(k)]), True, family, detection.per_family, flagged_by,
                         probes, score.to_report())
-    return flagged, best_by_class[k] if family == "patch" else None
+    if family == "patch":
+        return flagged, best_by_class[k]
+    return flagged, warp[k] if lead == "warp_probe" else None
 
 
 def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator: torch.Generator, progress: Progress
                   ) -> tuple[Detection, list[FamilyResult], PatchHit | None, list[float]]:
-    """Search both families for every class, run both probes and decide. `cfg` names synth_steps, synth_restarts,
-    seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig). Returns the detection, the
-    family results, the patch probe's hit when it flagged the class, and the noise responses."""
+    """Search both families for every class, run the probes and decide. `cfg` names synth_steps, synth_restarts,
+    warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig). Returns the
+    detection, the family results, the patch or warp probe's hit when it led the flag, and the noise responses."""
     net = search_copy(net, data.images[:8])
     results = [synthesize(net, data.images, data.labels, num_classes, family, steps=cfg.synth_steps,
                           restarts=cfg.synth_restarts, generator=generator, progress=progress)
                for family in FAMILIES]
     hits = patch_probe(net, data, next(r for r in results if r.family == "patch"))
     noise = noise_responses(net, data, num_classes, cfg.seed)
-    detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise, Thresholds.of(cfg))
+    steps = warp_steps(cfg)
+    warp = warp_probe(net, data, num_classes, steps=steps, restarts=cfg.synth_restarts, progress=progress,
+                      generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED)) if steps else None
+    detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise, Thresholds.of(cfg), warp)
     return detection, results, hit, noise

@@ -28,6 +28,7 @@ from gradprune_mlflow.defense.synthesis import (
 )
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger
 from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, extended, triggered_copy
+from gradprune_mlflow.defense.warp import WarpHit
 from gradprune_mlflow.errors import DataError
 
 
@@ -181,9 +182,11 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
     unlearn: Trigger = unlearning_mix(families, target, cfg, gen, noise)
     fixed_steps = 0
     if hit is not None:
-        # The square that flagged the class is the closest thing to the real trigger: it gets half the images.
+        # The probe's trigger that flagged the class (a square, or warps) is the closest thing to the real one: it
+        # gets half the images.
+        first = TriggerMix(hit.unlearning(), gen) if isinstance(hit, WarpHit) else hit.trigger
         synthesized, measure_with = [hit.trigger] + synthesized, hit.trigger
-        unlearn = TriggerMix([hit.trigger, unlearn], gen)
+        unlearn = TriggerMix([first, unlearn], gen)
     elif detection.family == "blend" and cfg.fixed_blend_steps and (detection.flagged or cfg.on_clean == "sanitize"):
         with timings("synthesis"):
             fixed, unlearn = with_fixed_blend(searched, train, target, cfg, gen, progress, unlearn)

@@ -1,0 +1,94 @@
+"""The warp probe: smooth sub-pixel warps, searched toward every class, and what they send there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradprune_mlflow.config import SanitizeConfig, warp_steps
+from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, warp_probe
+from gradprune_mlflow.errors import BadInput
+
+H = W = 16
+
+
+def ramp(n: int = 2) -> torch.Tensor:
+    """Images whose value is the column index over W - 1: a warp's horizontal shift is readable off the values."""
+    return torch.linspace(0, 1, W).expand(n, 1, H, W).clone()
+
+
+def test_a_zero_field_is_the_identity_and_no_field_moves_a_pixel_further_than_the_bound():
+    x = ramp()
+    assert torch.allclose(FlowTrigger(0, torch.zeros(2, 4, 4)).apply(x), x, atol=1e-6)
+    extreme = torch.full((2, 4, 4), 50.0)  # tanh saturates: every pixel moved by the bound
+    for strength in (1.0, 1.5):
+        moved = FlowTrigger(0, extreme, strength).apply(x)
+        shift = (moved - x).abs() * (W - 1)  # in pixels
+        assert float(shift.max()) <= MAX_SHIFT * strength + 1e-4
+        assert float(shift[..., 2:-2].min()) >= MAX_SHIFT * strength - 1e-3  # away from the border it moves fully
+    assert FlowTrigger(3, extreme).spec() == {"kind": "synthesized-warp", "target": 3, "grid": [4, 4],
+                                              "max_shift_pixels": MAX_SHIFT}
+    assert FlowTrigger(0, extreme).apply(x[:0]).shape == (0, 1, H, W)
+
+
+class ShiftDetector(nn.Module):
+    """Class 0 for the blob where it is; class 3 once the blob moves right by about a pixel (a warp backdoor's
+    target, stripped to its essence); classes 1, 2 and 4-9 never."""
+
+    def __init__(self, blob: torch.Tensor):
+        super().__init__()
+        shifted = torch.roll(blob, 1, dims=-1)
+        self.direction = nn.Parameter((shifted - blob).flatten(), requires_grad=False)
+        self.blob = blob.flatten()
+        self.gap = float((shifted - blob).flatten() @ (shifted - blob).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moved = (x.flatten(1) - self.blob) @ self.direction / self.gap  # 0 where it is, 1 one pixel right
+        logits = torch.full((len(x), 10), -10.0)
+        logits[:, 0] = 0.0
+        logits[:, 3] = 10.0 * (moved - 0.5)
+        return logits
+
+
+def blob_split(n: int = 40) -> tuple[Split, torch.Tensor]:
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    blob = torch.exp(-((ys - 7.5) ** 2 + (xs - 7.5) ** 2) / 8.0)[None]
+    return Split(blob.expand(n, 1, H, W).clone(), torch.arange(n) % 10), blob
+
+
+def test_the_probe_finds_the_warp_that_sends_the_other_classes_to_the_target():
+    data, blob = blob_split()
+    net = ShiftDetector(blob)
+    hits = warp_probe(net, data, 10, steps=40, restarts=2, generator=torch.Generator().manual_seed(0),
+                      progress=SilentProgress())
+    assert [h.target for h in hits] == list(range(10))
+    assert hits[3].response >= 0.9  # a smooth warp of a pixel at most moves the blob over
+    assert hits[0].response == 1.0  # images of the other classes already go to class 0: no warp needed
+    assert all(h.response == 0.0 for h in hits if h.target not in (0, 3))
+    warped = hits[3].trigger.apply(data.images)
+    assert (net(warped).argmax(1) == 3).float().mean() >= 0.9
+    # what is unlearned: each restart's warp as found and 1.5x as far
+    assert [t.strength for t in hits[3].unlearning()] == [1.0, 1.5, 1.0, 1.5]
+
+
+def test_the_probe_is_repeatable_and_leaves_the_network_alone():
+    data, blob = blob_split(20)
+    net = ShiftDetector(blob).train()
+    runs = [warp_probe(net, data, 10, steps=5, restarts=1, generator=torch.Generator().manual_seed(1),
+                       progress=SilentProgress()) for _ in range(2)]
+    assert [h.response for h in runs[0]] == [h.response for h in runs[1]]
+    assert torch.equal(runs[0][3].trigger.field, runs[1][3].trigger.field)
+    assert net.training and net.direction.grad is None
+
+
+def test_its_budget_follows_the_synthesis_budget_unless_set():
+    assert warp_steps(SanitizeConfig()) == SanitizeConfig.synth_steps // 2
+    assert warp_steps(SanitizeConfig(synth_steps=10)) == 5
+    assert warp_steps(SanitizeConfig(synth_steps=10, warp_steps=0)) == 0
+    assert SanitizeConfig(synth_steps=10).to_dict()["warp_steps"] == 5
+    for bad in ({"warp_steps": -1}, {"warp_steps": 2.5}, {"warp_threshold": 0}, {"warp_threshold": 1.5}):
+        with pytest.raises(BadInput):
+            SanitizeConfig().with_overrides(**bad)
