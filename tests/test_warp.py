@@ -92,3 +92,19 @@ def test_its_budget_follows_the_synthesis_budget_unless_set():
     for bad in ({"warp_steps": -1}, {"warp_steps": 2.5}, {"warp_threshold": 0}, {"warp_threshold": 1.5}):
         with pytest.raises(BadInput):
             SanitizeConfig().with_overrides(**bad)
+
+
+def test_the_benchmark_table_gives_the_target_and_the_strongest_other_class():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks/warp_probe.py"
+    spec = importlib.util.spec_from_file_location("warp_probe_benchmark", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lines = [{"arch": "small_cnn", "attack": "wanet", "epochs": 2, "seed": 0, "target": 0,
+              "responses": [0.52, 0.01, 0.09] + [0.0] * 7},
+             {"arch": "small_cnn", "attack": "clean", "epochs": 2, "seed": 0, "target": None,
+              "responses": [0.04, 0.125] + [0.0] * 8}]
+    rows = script.markdown(lines).splitlines()[2:]
+    assert rows == ["| small_cnn wanet | 2 | 0 | 52.0% | 9.0% (2) |", "| small_cnn clean | 2 | 0 |  | 12.5% (1) |"]

@@ -1,0 +1,98 @@
+"""How many trusted images a smooth one-pixel warp sends to each model's classes: what `warp_threshold` is set against.
+
+    .venv/bin/python benchmarks/warp_probe.py [--split dev|test] [--epochs 2] [--attacks ...] [--out FILE.jsonl]
+    .venv/bin/python benchmarks/warp_probe.py --md benchmarks/results/warp-probe.jsonl
+
+Trigger-free mode's warp probe (gradprune_mlflow/defense/warp.py) flags a class where the warp searched toward it
+sends `warp_threshold` (0.5) of the other classes' trusted images there. This runs the probe as `sanitize` does
+(the default configuration, the trusted training split of 50 images per class, the probe's own generator) on the
+zoo-cpu-quick preset's small CNNs (its attacks, or `--attacks`; `--epochs` sets the attacker's training epochs) and,
+at the preset's epochs, the zoo-clean-cpu preset's clean models of the split, and appends per model the response of
+every class to --out. `--md` prints the backdoor target's response and the highest response of another class. Models
+come from benchmarks/cache (trained when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from gradprune_mlflow import lab
+from gradprune_mlflow.benchmark.presets import CLEAN, get_preset
+from gradprune_mlflow.benchmark.runner import model_for
+from gradprune_mlflow.config import SanitizeConfig, warp_steps
+from gradprune_mlflow.defense.normalize import Normalized
+from gradprune_mlflow.defense.probes import WARP_SEED
+from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.searchnet import search_copy
+from gradprune_mlflow.defense.warp import warp_probe
+from gradprune_mlflow.lab.attacks import AllToAllTrigger
+
+HERE = Path(__file__).parent
+
+
+def responses(model, seed: int) -> list[float]:
+    """The warp probe's response per class, as trigger-free detection computes it for `seed`."""
+    cfg = SanitizeConfig(seed=seed, device="cpu")
+    clean = lab.trusted_set(50, seed=seed)
+    train, _ = clean.split(cfg.val_fraction, cfg.seed)
+    net = search_copy(Normalized(model.float().cpu().eval(), clean.meta.mean, clean.meta.std), train.images[:8])
+    hits = warp_probe(net, train, clean.meta.num_classes, steps=warp_steps(cfg), restarts=cfg.synth_restarts,
+                      generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED), progress=SilentProgress())
+    return [round(h.response, 4) for h in hits]
+
+
+def cases(split: str, epochs: int, attacks: list[str] | None):
+    quick = get_preset("zoo-cpu-quick").with_overrides(epochs=epochs, attacks=attacks)
+    for seed in quick.seeds(split):
+        for attack in quick.attacks:
+            yield quick, "small_cnn", attack, seed
+    if epochs == quick.epochs:  # the clean models of the false-positive preset (its own training budget)
+        clean = get_preset("zoo-clean-cpu")
+        for arch in clean.archs:
+            for seed in clean.seeds(split):
+                if arch != "small_cnn" or seed not in quick.seeds(split):
+                    yield clean, arch, CLEAN, seed
+
+
+def markdown(lines: list[dict]) -> str:
+    out = ["| model | epochs | seed | target's response | highest other class (class) |", "|---|---|---|---|---|"]
+    for r in lines:
+        rates, target = r["responses"], r["target"]
+        others = [(v, k) for k, v in enumerate(rates) if k != target]
+        top, k = max(others)
+        shown = "" if target is None else f"{100 * rates[target]:.1f}%"
+        out.append(f"| {r['arch']} {r['attack']} | {r['epochs']} | {r['seed']} | {shown} | {100 * top:.1f}% ({k}) |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", default="dev", choices=["dev", "test"])
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--attacks", nargs="+", help="default: the zoo-cpu-quick preset's")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "warp-probe.jsonl")
+    ap.add_argument("--md", type=Path, help="print the lines of this file as a table and run nothing")
+    args = ap.parse_args(argv)
+    if args.md:
+        print(markdown([json.loads(line) for line in args.md.read_text().splitlines() if line.strip()]))
+        return 0
+    for preset, arch, attack, seed in cases(args.split, args.epochs, args.attacks):
+        model, trigger = model_for(attack, arch, preset, seed, HERE / "cache", torch.device("cpu"))
+        start = time.perf_counter()
+        rates = responses(model, seed)
+        target = None if attack == CLEAN or isinstance(trigger, AllToAllTrigger) else trigger.target
+        line = {"arch": arch, "attack": attack, "epochs": preset.epochs, "seed": seed, "split": args.split,
+                "target": target, "responses": rates, "seconds": round(time.perf_counter() - start, 1)}
+        with args.out.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        print(markdown([line]).splitlines()[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
