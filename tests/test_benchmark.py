@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from gradprune_mlflow.benchmark.registry import Defended, Defense, defense_names
 from gradprune_mlflow.data.cleanset import CleanSet
 from gradprune_mlflow.defense.metrics import accuracy, evaluate
 from gradprune_mlflow.defense.normalize import Normalized
+from scripts import benchmark_script
 
 BENCHMARK_DEFENSES = ["none", "fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse", "grad-prune-paper",
                       "grad-prune-fast", "grad-prune-free", "grad-prune-detect", "unlearn-ft-known", "unlearn-ft-free",
@@ -298,14 +297,7 @@ def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys)
 
 
 def _compare():
-    return _script("compare")
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"benchmarks/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("compare")
 
 
 def test_speed_table_lists_every_phase_of_every_line(tmp_path, capsys):
@@ -314,7 +306,7 @@ def test_speed_table_lists_every_phase_of_every_line(tmp_path, capsys):
             "timings": {"synthesis": 50.2, "pruning": 2.0, "fine_tuning": 20.6, "verification": 40.1, "measuring": 1}}
     path = tmp_path / "speed.jsonl"
     path.write_text(json.dumps(line) + "\n")
-    assert _script("speed").main(["--md", str(path)]) == 0
+    assert benchmark_script("speed").main(["--md", str(path)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 3 and table[1].count("|") == table[0].count("|")
     assert table[2] == ("| abc1234 | small_cnn signal s0 | 2 | flagged | 120.4 | 50 | 2 | 21 | 0 | 40 | 1 | 2.8% | "

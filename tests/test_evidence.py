@@ -7,6 +7,7 @@ import pytest
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import DETECTORS, Thresholds, class_scores, describe, flag_score, strengths, vote
 from gradprune_mlflow.errors import BadInput
+from scripts import benchmark_script
 
 T = Thresholds(patch_threshold=0.9, noise_threshold=0.5, warp_threshold=0.5, anomaly_threshold=2.0, relative_size=0.5,
                flag_slope=4.0, flag_threshold=0.5, suspect_threshold=0.35)
@@ -86,14 +87,7 @@ def test_the_configuration_gives_the_thresholds_and_refuses_bad_ones():
 
 
 def _script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks/detection_evidence.py"
-    spec = importlib.util.spec_from_file_location("detection_evidence", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("detection_evidence")
 
 
 def _line(attack, target, patch=0.1, noise=0.0, index=0.0, relative=1.0, k=3, at=0):

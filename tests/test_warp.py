@@ -11,6 +11,7 @@ from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, warp_probe
 from gradprune_mlflow.errors import BadInput
+from scripts import benchmark_script
 
 H = W = 16
 
@@ -95,13 +96,7 @@ def test_its_budget_follows_the_synthesis_budget_unless_set():
 
 
 def test_the_benchmark_table_gives_the_target_and_the_strongest_other_class():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks/warp_probe.py"
-    spec = importlib.util.spec_from_file_location("warp_probe_benchmark", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("warp_probe")
     lines = [{"arch": "small_cnn", "attack": "wanet", "epochs": 2, "seed": 0, "target": 0,
               "responses": [0.52, 0.01, 0.09] + [0.0] * 7},
              {"arch": "small_cnn", "attack": "clean", "epochs": 2, "seed": 0, "target": None,

@@ -4,7 +4,6 @@ of the last development run."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -13,13 +12,11 @@ import pytest
 from gradprune_mlflow import lab
 from gradprune_mlflow.benchmark import guard, runner
 from gradprune_mlflow.benchmark.presets import CLEAN, PRESETS, get_preset
+from scripts import benchmark_script
 
 
 def _compare():
-    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks/compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("compare")
 
 
 def test_every_preset_keeps_its_test_seeds_apart_and_names_known_attacks():

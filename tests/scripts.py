@@ -1,0 +1,15 @@
+"""The benchmark scripts (benchmarks/*.py are scripts, not a package), loaded as modules for their tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """benchmarks/NAME.py, imported fresh."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
