@@ -56,8 +56,8 @@ class FlowTrigger(Trigger):
         if len(x) == 0:
             return x.clone()
         h, w = x.shape[-2:]
-        grid = sampling_grid(self.field.to(x.device), h, w)
-        grid = _identity(h, w).to(x.device) + self.strength * (grid - _identity(h, w).to(x.device))
+        identity = _identity(h, w).to(x.device)
+        grid = identity + self.strength * (sampling_grid(self.field.to(x.device), h, w) - identity)
         out = F.grid_sample(x.float(), grid.expand(len(x), -1, -1, -1), align_corners=True, padding_mode="border")
         return out.clamp(0, 1).to(x.dtype)
 
