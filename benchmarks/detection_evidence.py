@@ -52,7 +52,7 @@ def class_evidence(model, clean, seed: int) -> dict:
     train, _ = clean.split(cfg.val_fraction, cfg.seed)
     net = Normalized(copy.deepcopy(model).float().cpu().eval(), clean.meta.mean, clean.meta.std)
     k = clean.meta.num_classes
-    detection, results, _, noise = find_backdoor(net, train, k, cfg, gen, SilentProgress())
+    detection, results, _, noise, _ = find_backdoor(net, train, k, cfg, gen, SilentProgress())
     by_family = {r.family: r for r in results}
     hits = detection.probes["patch"]
     out = {"patch_probe": [h["best"] for h in sorted(hits, key=lambda h: h["target"])], "noise_probe": noise}

@@ -38,8 +38,8 @@ def row(arch: str, attack: str, seed: int) -> str:
     net = Normalized(model, clean.meta.mean, clean.meta.std).eval()
     torch.manual_seed(seed)
     cfg = SanitizeConfig(seed=seed)
-    det, results, _, noise = find_backdoor(net, train, clean.meta.num_classes, cfg, torch.Generator().manual_seed(seed),
-                                           SilentProgress())
+    det, results, _, noise, _ = find_backdoor(net, train, clean.meta.num_classes, cfg,
+                                              torch.Generator().manual_seed(seed), SilentProgress())
     tops = []
     for res in results:
         idx = anomaly_index(res.class_sizes())

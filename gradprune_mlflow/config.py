@@ -97,6 +97,9 @@ class SanitizeConfig:
     # noise probe.
     warp_threshold: float = 0.5
     warp_steps: int | None = None
+    # A flagged class whose warp response reaches this (while another detector led the flag) is unlearned with its
+    # warps too: above every class of the development models without a warp trigger, below their warp targets'.
+    warp_companion: float = 0.3
     # The flag decision combines the detectors above into one score per class (defense/evidence.py): each votes
     # 0.5 at its own threshold, rising with this slope; the class is flagged when the combined score reaches
     # `flag_threshold`. Below that but at or above `suspect_threshold` (set above the scores of the development
@@ -163,9 +166,10 @@ class SanitizeConfig:
         if self.warp_steps is not None and (isinstance(self.warp_steps, bool) or not isinstance(self.warp_steps, int)
                                             or self.warp_steps < 0):
             raise BadInput(f"warp_steps must be a whole number of at least 0, or unset; got {self.warp_steps!r}")
-        if isinstance(self.warp_threshold, bool) or not isinstance(self.warp_threshold, int | float) \
-                or not 0.0 < self.warp_threshold <= 1.0:
-            raise BadInput(f"warp_threshold must be in (0, 1], got {self.warp_threshold!r}")
+        for name in ("warp_threshold", "warp_companion"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+                raise BadInput(f"{name} must be in (0, 1], got {value!r}")
         if isinstance(self.flag_slope, bool) or not isinstance(self.flag_slope, int | float) or self.flag_slope <= 0:
             raise BadInput(f"flag_slope must be a positive number, got {self.flag_slope!r}")
         if not 0.0 < self.suspect_threshold <= self.flag_threshold < 1.0:

@@ -140,7 +140,7 @@ def scan(net: torch.nn.Module, data: Split, num_classes: int, cfg: EvalConfig) -
     detection = None
     if cfg.synthesize:
         gen = torch.Generator().manual_seed(cfg.seed)
-        found, results, hit, _ = find_backdoor(net, data, num_classes, cfg, gen, SilentProgress())
+        found, results, hit, _, _ = find_backdoor(net, data, num_classes, cfg, gen, SilentProgress())
         family = next(r for r in results if r.family == found.family)
         best = hit.trigger if hit else family.smallest_trigger(found.target)
         synth = measure(net, data, best)

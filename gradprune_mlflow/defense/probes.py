@@ -11,6 +11,7 @@ change none of the defense's random draws.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -214,11 +215,21 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
     return flagged, warp[k] if lead == "warp_probe" else None
 
 
+class Search(NamedTuple):
+    """What find_backdoor found: the decision, the family searches, the probe's hit when the patch or warp probe led
+    the flag, the noise responses per class, and the warp probe's hits per class (None when it did not run)."""
+
+    detection: Detection
+    results: list[FamilyResult]
+    hit: PatchHit | WarpHit | None
+    noise: list[float]
+    warp: list[WarpHit] | None
+
+
 def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator: torch.Generator, progress: Progress
-                  ) -> tuple[Detection, list[FamilyResult], PatchHit | None, list[float]]:
+                  ) -> Search:
     """Search both families for every class, run the probes and decide. `cfg` names synth_steps, synth_restarts,
-    warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig). Returns the
-    detection, the family results, the patch or warp probe's hit when it led the flag, and the noise responses."""
+    warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig)."""
     net = search_copy(net, data.images[:8])
     results = [synthesize(net, data.images, data.labels, num_classes, family, steps=cfg.synth_steps,
                           restarts=cfg.synth_restarts, generator=generator, progress=progress)
@@ -229,4 +240,4 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
     warp = warp_probe(net, data, num_classes, steps=steps, restarts=cfg.synth_restarts, progress=progress,
                       generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED)) if steps else None
     detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise, Thresholds.of(cfg), warp)
-    return detection, results, hit, noise
+    return Search(detection, results, hit, noise, warp)

@@ -16,7 +16,7 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
-from gradprune_mlflow.defense.probes import NOISE_ALPHA, PatchHit, densest_square, find_backdoor, square
+from gradprune_mlflow.defense.probes import NOISE_ALPHA, Search, densest_square, find_backdoor, square
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import (
@@ -91,10 +91,10 @@ def unlearning_mix(families: list[FamilyResult], target: int, cfg: SanitizeConfi
 
 def synthesized_families(
     net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator, progress: Progress
-) -> tuple[Detection, list[FamilyResult], PatchHit | None, list[float]]:
+) -> Search:
     """find_backdoor, with the results reordered so that the detection's family comes first."""
-    detection, results, hit, noise = find_backdoor(net, train, k, cfg, gen, progress)
-    return detection, sorted(results, key=lambda r: r.family != detection.family), hit, noise
+    found = find_backdoor(net, train, k, cfg, gen, progress)
+    return found._replace(results=sorted(found.results, key=lambda r: r.family != found.detection.family))
 
 
 def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, progress, teacher, finetune_out,
@@ -172,7 +172,7 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
     # one search copy for every search of this model before it changes (find_backdoor's and the fixed blend's)
     searched = search_copy(net, train.images[:8])
     with timings("synthesis"):
-        detection, families, hit, responses = synthesized_families(searched, train, cfg, k, gen, progress)
+        detection, families, hit, responses, warps = synthesized_families(searched, train, cfg, k, gen, progress)
     target = detection.target
     synthesized = [t for res in families for t in res.triggers(target)]  # flagging family first
     measure_with = families[0].smallest_trigger(target)
@@ -191,5 +191,10 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         with timings("synthesis"):
             fixed, unlearn = with_fixed_blend(searched, train, target, cfg, gen, progress, unlearn)
         synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
+    if warps and not isinstance(hit, WarpHit) and warps[target].response >= cfg.warp_companion:
+        # another detector flagged the class, and a warp works on it too: a warp trigger can flag a class through
+        # the blend anomaly or the noise probe as well, and only its warps remove it
+        unlearn = TriggerMix([TriggerMix(warps[target].unlearning(), gen), unlearn], gen)
+        synthesized = synthesized + [warps[target].trigger]
     unlearn = with_agnostic(unlearn, net, target, cfg, gen)
     return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps)

@@ -69,7 +69,7 @@ def verify(net: nn.Module, val: Split, num_classes: int, cfg, progress: Progress
     generator = torch.Generator().manual_seed(seed)
     # find_backdoor searches a frozen copy of `net`; the found trigger is measured on `net` itself (eval mode, no
     # gradients), so the rate is the sanitized model's own
-    detection, results, hit, _ = find_backdoor(net, val, num_classes, replace(cfg, seed=seed), generator, progress)
+    detection, results, hit, _, _ = find_backdoor(net, val, num_classes, replace(cfg, seed=seed), generator, progress)
     if hit is not None:
         trigger: Trigger = hit.trigger
     else:
