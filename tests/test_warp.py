@@ -8,8 +8,12 @@ from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig, warp_steps
 from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.probes import PatchHit
 from gradprune_mlflow.defense.progress import SilentProgress
-from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, warp_probe
+from gradprune_mlflow.defense.triggerfree import companion_warp
+from gradprune_mlflow.defense.triggers import MaskTrigger
+from gradprune_mlflow.defense.unlearning import TriggerMix, unlearning_plan
+from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, WarpHit, warp_probe
 from gradprune_mlflow.errors import BadInput
 from scripts import benchmark_script
 
@@ -85,12 +89,32 @@ def test_the_probe_is_repeatable_and_leaves_the_network_alone():
     assert net.training and net.direction.grad is None
 
 
+def test_a_strong_warp_joins_the_unlearning_mix_whichever_detector_flagged_the_class():
+    flat = [FlowTrigger(k, torch.zeros(2, 4, 4)) for k in range(3)]
+    warps = [WarpHit(k, r, flat[k], [flat[k]]) for k, r in enumerate((0.05, 0.41, 0.29))]
+    square = MaskTrigger(1, torch.ones(1, H, W), torch.ones(1, H, W))
+    patch = PatchHit(1, 0.95, square, "white", (0, 0, 3))
+    # class 1's warp works on 41% of the other classes' images: it joins, after a patch lead or a blend lead
+    assert companion_warp(warps, 1, patch, 0.3) is warps[1]
+    assert companion_warp(warps, 1, None, 0.3) is warps[1]
+    # not below the threshold, not when the warp probe led (its warps are already half the mix), not without it
+    assert companion_warp(warps, 2, None, 0.3) is None
+    assert companion_warp(warps, 1, warps[1], 0.3) is None
+    assert companion_warp(None, 1, None, 0.3) is None
+    # as find_triggers builds it: the warps take half of the images, the rest keeps the other half
+    gen = torch.Generator().manual_seed(0)
+    mix = TriggerMix([TriggerMix(warps[1].unlearning(), gen), square], gen)
+    plan = {row["trigger"]: row["share"] for row in unlearning_plan(mix)}
+    assert plan["synthesized-warp"] == pytest.approx(0.5)
+
+
 def test_its_budget_follows_the_synthesis_budget_unless_set():
     assert warp_steps(SanitizeConfig()) == SanitizeConfig.synth_steps // 2
     assert warp_steps(SanitizeConfig(synth_steps=10)) == 5
     assert warp_steps(SanitizeConfig(synth_steps=10, warp_steps=0)) == 0
     assert SanitizeConfig(synth_steps=10).to_dict()["warp_steps"] == 5
-    for bad in ({"warp_steps": -1}, {"warp_steps": 2.5}, {"warp_threshold": 0}, {"warp_threshold": 1.5}):
+    for bad in ({"warp_steps": -1}, {"warp_steps": 2.5}, {"warp_threshold": 0}, {"warp_threshold": 1.5},
+                {"warp_companion": 0}, {"warp_companion": True}):
         with pytest.raises(BadInput):
             SanitizeConfig().with_overrides(**bad)
 

@@ -16,7 +16,7 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
-from gradprune_mlflow.defense.probes import NOISE_ALPHA, Search, densest_square, find_backdoor, square
+from gradprune_mlflow.defense.probes import NOISE_ALPHA, PatchHit, Search, densest_square, find_backdoor, square
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import (
@@ -152,6 +152,18 @@ def with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: t
     return fixed, TriggerMix([TriggerMix(parts, gen), unlearn], gen)
 
 
+def companion_warp(warps: list[WarpHit] | None, target: int, hit: PatchHit | WarpHit | None,
+                   threshold: float) -> WarpHit | None:
+    """The flagged class's warp probe hit when another detector led the flag and the warp still sends at least
+    `threshold` of the other classes' images to the class; its warps then take half of the unlearning images.
+
+    A warp trigger can flag its class through the blend anomaly or the noise probe before the warp probe, and only
+    its warps remove it: a WaNet model flagged by the blend anomaly kept its backdoor when they were left out."""
+    if not warps or isinstance(hit, WarpHit) or warps[target].response < threshold:
+        return None
+    return warps[target]
+
+
 @dataclass
 class Found:
     """What trigger-free mode found: the detection, the families' searches, and what to unlearn and measure with."""
@@ -191,10 +203,9 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         with timings("synthesis"):
             fixed, unlearn = with_fixed_blend(searched, train, target, cfg, gen, progress, unlearn)
         synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
-    if warps and not isinstance(hit, WarpHit) and warps[target].response >= cfg.warp_companion:
-        # another detector flagged the class, and a warp works on it too: a warp trigger can flag a class through
-        # the blend anomaly or the noise probe as well, and only its warps remove it
-        unlearn = TriggerMix([TriggerMix(warps[target].unlearning(), gen), unlearn], gen)
-        synthesized = synthesized + [warps[target].trigger]
+    companion = companion_warp(warps, target, hit, cfg.warp_companion)
+    if companion is not None:
+        unlearn = TriggerMix([TriggerMix(companion.unlearning(), gen), unlearn], gen)
+        synthesized = synthesized + [companion.trigger]
     unlearn = with_agnostic(unlearn, net, target, cfg, gen)
     return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps)
