@@ -17,10 +17,14 @@ from gradprune_mlflow.defense.triggers import (
     check_trigger_fits,
     load_trigger,
     poison,
+    savable,
     save_mask_trigger,
+    save_trigger,
     trigger_from_dict,
 )
+from gradprune_mlflow.defense.warp import FlowTrigger
 from gradprune_mlflow.errors import TriggerError
+from gradprune_mlflow.report.figures import triggers_png
 
 
 def images(n=4, c=1, h=28, w=28, seed=0):
@@ -203,3 +207,37 @@ def test_poison_rate_is_capped_and_checked():
     assert len(chosen) == 2 and (py == 0).all()
     with pytest.raises(ValueError):
         poison(x, y, PatchTrigger(0), rate=1.5)
+
+
+def test_a_synthesized_warp_is_written_as_a_warp_trigger_file_and_reads_back_as_the_same_warp(tmp_path):
+    field = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    warp = FlowTrigger(6, field, 1.5)
+    path = save_trigger(warp, tmp_path / "saved", name="class6-0")
+    spec = json.loads(path.read_text())
+    assert (spec["kind"], spec["target"], spec["strength"]) == ("warp", 6, 1.5)
+    assert max(abs(v) for axis in spec["displacement"] for row in axis for v in row) <= 1.0
+    reloaded = load_trigger(path)
+    x = images(c=3, h=32, w=32)
+    assert reloaded.target == 6
+    assert torch.allclose(reloaded.apply(x), warp.apply(x), atol=1e-4)
+    assert not torch.allclose(warp.apply(x), x, atol=1e-3)  # it does move pixels
+    assert savable([warp, BlendTrigger(0, alpha=0.2), PatchTrigger(0).build((1, 28, 28))])[0] is warp
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"kind": "warp", "target": 0}, "needs 'displacement'"),
+    ({"kind": "warp", "target": 0, "displacement": [[0.0, 0.0], [0.0, 0.0]]}, r"shaped \[2\]\[G\]\[G\]"),
+    ({"kind": "warp", "target": 0, "displacement": [[[2.0] * 2] * 2] * 2}, r"in \[-1, 1\]"),
+    ({"kind": "warp", "target": 0, "displacement": "left"}, "nested lists"),
+    ({"kind": "warp", "target": 0, "displacement": [[[0.0] * 2] * 2] * 2, "strength": 0}, "strength"),
+])
+def test_a_bad_warp_trigger_file_names_what_is_wrong(spec, message):
+    with pytest.raises(TriggerError, match=message):
+        trigger_from_dict(spec)
+
+
+def test_the_trigger_figure_shows_a_warp_as_its_shift_and_a_warped_grid():
+    warp = FlowTrigger(2, torch.full((2, 4, 4), 50.0))  # tanh saturates: the bound everywhere
+    assert float(warp.shift_map(28, 28).max()) == pytest.approx(2 ** 0.5, abs=1e-3)  # one pixel along each axis
+    image = triggers_png([warp, PatchTrigger(0).build((1, 28, 28))])
+    assert image.size[0] == image.size[1] > 0  # two rows of two panels

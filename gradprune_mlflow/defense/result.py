@@ -27,7 +27,7 @@ class SanitizeResult:
     - history: the pruning history, one dict per pruned filter: {"layer", "filter", "step", "score"}.
     - curve: the pruning curve, one dict per pruning step: {"step", "pruned", "val_clean_accuracy",
       "val_unlearning_loss"}.
-    - triggers: the synthesized triggers worth showing (mask triggers), empty in known-trigger mode.
+    - triggers: the synthesized triggers worth showing (mask triggers and warps), empty in known-trigger mode.
     """
 
     model: nn.Module | None

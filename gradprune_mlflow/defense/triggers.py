@@ -7,6 +7,7 @@ x' = (1 - m) * x + m * p with a mask m and a pattern p. Trigger files are JSON (
     {"kind": "blend", "target": 0, "alpha": 0.2, "pattern": "noise", "seed": 0}     (or "pattern": "file.png")
     {"kind": "mask", "target": 0, "mask": "mask.png", "pattern": "pattern.png"}
     {"kind": "signal", "target": 0, "delta": 0.08, "frequency": 6}                    (additive sinusoid, SIG)
+    {"kind": "warp", "target": 0, "displacement": [[[...]]], "strength": 1.0}         (a smooth warp, defense/warp.py)
 """
 
 from __future__ import annotations
@@ -201,11 +202,18 @@ def read_png(path: Path, hw: tuple[int, int], channels: int) -> torch.Tensor:
     return t.mean(0, keepdim=True)  # an RGB image asked for as grey
 
 
+def _warp(target: int, displacement: Any, strength: float = 1.0) -> Trigger:
+    from gradprune_mlflow.defense.warp import FlowTrigger  # warp.py builds on this module's Trigger
+
+    return FlowTrigger.from_displacement(target, displacement, strength)
+
+
 _KINDS = {
     "patch": (PatchTrigger, {"size", "location", "margin", "value"}),
     "blend": (BlendTrigger, {"alpha", "pattern", "seed"}),
     "mask": (FileMaskTrigger, {"mask", "pattern"}),
     "signal": (SignalTrigger, {"delta", "frequency"}),
+    "warp": (_warp, {"displacement", "strength"}),
 }
 
 
@@ -225,6 +233,8 @@ def trigger_from_dict(spec: dict[str, Any], base: Path | None = None) -> Trigger
         raise TriggerError(f"unknown key(s) {sorted(unknown)} in a {kind} trigger; allowed: {sorted(allowed)}")
     if kind == "mask" and not {"mask", "pattern"} <= set(spec):
         raise TriggerError("a mask trigger needs both 'mask' and 'pattern' PNG paths")
+    if kind == "warp" and "displacement" not in spec:
+        raise TriggerError("a warp trigger needs 'displacement': the control points' shifts in pixels, [2][G][G]")
     kwargs = {k: spec[k] for k in allowed if k in spec}
     if kind in ("blend", "mask"):
         kwargs["base"] = base
@@ -268,6 +278,22 @@ def save_mask_trigger(trigger: MaskTrigger, folder: str | Path, name: str = "tri
     spec = {"kind": "mask", "target": trigger.target, "mask": f"{name}_mask.png", "pattern": f"{name}_pattern.png"}
     out = folder / f"{name}.json"
     out.write_text(json.dumps(spec, indent=2))
+    return out
+
+
+def savable(triggers: list[Trigger]) -> list[Trigger]:
+    """The triggers a trigger file can hold as found: mask triggers and warps (what trigger-free mode writes)."""
+    return [t for t in triggers if isinstance(t, MaskTrigger) or hasattr(t, "to_file")]
+
+
+def save_trigger(trigger: Trigger, folder: str | Path, name: str = "trigger") -> Path:
+    """Write a savable trigger as `name.json` (a mask trigger with its PNGs) and return the JSON path."""
+    if isinstance(trigger, MaskTrigger):
+        return save_mask_trigger(trigger, folder, name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.json"
+    out.write_text(json.dumps(trigger.to_file(), indent=2))
     return out
 
 

@@ -61,9 +61,38 @@ class FlowTrigger(Trigger):
         out = F.grid_sample(x.float(), grid.expand(len(x), -1, -1, -1), align_corners=True, padding_mode="border")
         return out.clamp(0, 1).to(x.dtype)
 
+    def shift_map(self, h: int, w: int) -> torch.Tensor:
+        """(H, W): how far this warp moves each pixel of an h x w image, in pixels."""
+        moved = (sampling_grid(self.field, h, w) - _identity(h, w))[0] * self.strength
+        return torch.hypot(moved[..., 0] * (w - 1) / 2, moved[..., 1] * (h - 1) / 2)
+
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "target": self.target, "grid": list(self.field.shape[-2:]),
                 "max_shift_pixels": MAX_SHIFT * self.strength}
+
+    @classmethod
+    def from_displacement(cls, target: int, displacement: Any, strength: float = 1.0) -> FlowTrigger:
+        """The warp of a trigger file (kind "warp"): the control points' displacements in pixels, (2, G, G) with
+        x first, each at most MAX_SHIFT. Raises ValueError naming what is wrong."""
+        try:
+            shift = torch.as_tensor(displacement, dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise ValueError("'displacement' must be nested lists of numbers, shaped [2][G][G]") from None
+        if shift.ndim != 3 or shift.shape[0] != 2 or shift.shape[1] < 2 or shift.shape[2] < 2:
+            raise ValueError(f"'displacement' must be shaped [2][G][G] with G >= 2, got {list(shift.shape)}")
+        if not bool(torch.isfinite(shift).all()) or float(shift.abs().max()) > MAX_SHIFT:
+            raise ValueError(f"every displacement must be a number of pixels in [-{MAX_SHIFT:g}, {MAX_SHIFT:g}]")
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 4:
+            raise ValueError(f"'strength' must be a number in (0, 4], got {strength!r}")
+        limit = 1 - 1e-6  # atanh(+-1) is infinite: a control point at the bound moves by the bound
+        return cls(target, torch.atanh((shift / MAX_SHIFT).clamp(-limit, limit)), strength)
+
+    def to_file(self) -> dict[str, Any]:
+        """This warp as a trigger file's JSON (kind "warp"); FlowTrigger.from_displacement reads it back."""
+        shift = (torch.tanh(self.field[0]) * MAX_SHIFT).tolist()
+        return {"kind": "warp", "target": self.target,
+                "displacement": [[[round(v, 6) for v in row] for row in axis] for axis in shift],
+                "strength": self.strength}
 
 
 @dataclass

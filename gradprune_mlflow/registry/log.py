@@ -172,14 +172,14 @@ def log_result(client: MlflowClient, run_id: str, result, clean_set: CleanSet | 
 
 
 def _log_triggers(client: MlflowClient, run_id: str, triggers, clean_set: CleanSet | None) -> None:
-    from gradprune_mlflow.defense.triggers import MaskTrigger, save_mask_trigger
+    from gradprune_mlflow.defense.triggers import savable, save_trigger
 
-    shown = [t for t in triggers if isinstance(t, MaskTrigger)]
+    shown = savable(triggers)
     if not shown:
         return
     with tempfile.TemporaryDirectory(prefix="gradprune-triggers-") as tmp:
         for i, trig in enumerate(shown):
-            save_mask_trigger(trig, tmp, name=f"class{trig.target}-{i}")
+            save_trigger(trig, tmp, name=f"class{trig.target}-{i}")
         client.log_artifacts(run_id, tmp, "triggers")
     client.log_image(run_id, triggers_png(shown, clean_set), artifact_file="plots/synthesized_triggers.png")
 

@@ -49,11 +49,18 @@ def pruned_by_layer_png(report: dict[str, Any]):
 
 
 def triggers_png(triggers, clean_set: CleanSet | None = None):
-    """One row per synthesized trigger: its mask, its pattern, and (with a clean set) a clean image with it applied."""
+    """One row per synthesized trigger: its mask and its pattern (a warp: how far it moves each pixel, white at the
+    largest shift, and a checkerboard warped), and (with a clean set) a clean image with it applied."""
     cols = 3 if clean_set is not None and len(clean_set) else 2
+    h, w = clean_set.images.shape[-2:] if cols == 3 else (32, 32)
     fig = _figure(2.2 * cols, 2.2 * len(triggers))
     for row, trig in enumerate(triggers):
-        panels = [("mask", trig.mask), ("pattern", trig.pattern)]
+        if hasattr(trig, "shift_map"):
+            shift = trig.shift_map(h, w)
+            board = ((torch.arange(h)[:, None] // 4 + torch.arange(w)[None] // 4) % 2).float()[None, None]
+            panels = [("shift", shift / shift.max().clamp_min(1e-6)), ("warped grid", trig.apply(board)[0])]
+        else:
+            panels = [("mask", trig.mask), ("pattern", trig.pattern)]
         if cols == 3:
             panels.append(("applied", trig.apply(clean_set.images[:1])[0]))
         for col, (title, t) in enumerate(panels):
