@@ -11,7 +11,7 @@ from gradprune_mlflow import lab
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.metrics import attack_metrics, backdoor_targets
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.triggers import PatchTrigger, poison
+from gradprune_mlflow.defense.triggers import PatchTrigger
 from gradprune_mlflow.lab.training import cache_name
 from gradprune_mlflow.models.train import poison_set
 from gradprune_mlflow.models.zoo import create_model
@@ -210,11 +210,30 @@ def test_every_attack_poisons_at_every_rate(train_part, name, rate):
     assert torch.equal(py[untouched], y[untouched])
 
 
-def test_default_poisoning_is_the_defense_all_to_one_poisoning(train_part):
-    trigger = lab.attack_trigger("smooth")
-    ours = poison_set(train_part.images, train_part.labels, trigger, 0.1, seed=4)
-    theirs = poison(train_part.images, train_part.labels, trigger, 0.1, seed=4)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+def test_poison_rate_labels_and_images():
+    n = 200
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n) % 10
+    trig = PatchTrigger(0)
+    px, py, chosen = poison_set(x, y, trig, rate=0.1, seed=3)
+    assert len(chosen) == 20
+    assert (y[chosen] != 0).all(), "samples already of the target class are never picked"
+    assert (py[chosen] == 0).all()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[chosen] = False
+    assert torch.equal(py[rest], y[rest]) and torch.equal(px[rest], x[rest])
+    assert torch.equal(px[chosen], trig.apply(x[chosen]))
+    assert torch.equal(y, torch.arange(n) % 10), "inputs are not changed"
+    _, _, again = poison_set(x, y, trig, rate=0.1, seed=3)
+    assert torch.equal(chosen, again)
+
+
+def test_poison_rate_is_capped_and_checked():
+    x, y = torch.rand(10, 1, 28, 28), torch.tensor([0] * 8 + [1, 2])
+    _, py, chosen = poison_set(x, y, PatchTrigger(0), rate=1.0)
+    assert len(chosen) == 2 and (py == 0).all()
+    with pytest.raises(ValueError):
+        poison_set(x, y, PatchTrigger(0), rate=1.5)
 
 
 def test_clean_label_poisoning_changes_only_target_class_images_and_no_label(train_part):

@@ -16,7 +16,6 @@ from gradprune_mlflow.defense.triggers import (
     SignalTrigger,
     check_trigger_fits,
     load_trigger,
-    poison,
     savable,
     save_mask_trigger,
     save_trigger,
@@ -143,7 +142,7 @@ def test_signal_stays_in_pixel_range():
         ('{"kind": "patch", "target": 0, "size": 0}', "size"),
         ('{"kind": "blend", "target": 0, "alpha": 0}', "alpha"),
         ('{"kind": "blend", "target": 0, "alpha": "much"}', "blend"),
-        ('{"kind": "mask", "target": 0, "mask": "m.png"}', "both"),
+        ('{"kind": "mask", "target": 0, "mask": "m.png"}', "needs 'mask' and 'pattern'"),
         ('{"kind": "signal", "target": 0, "delta": 2}', "delta"),
         ('{"kind": "signal", "target": 0, "frequency": 0}', "frequency"),
     ],
@@ -181,32 +180,6 @@ def test_saved_mask_trigger_reloads_identically(tmp_path):
     x = images()
     assert reloaded.target == 4
     assert torch.equal(reloaded.apply(x), patch.apply(x))
-
-
-def test_poison_rate_labels_and_images():
-    n = 200
-    x = images(n=n)
-    y = torch.arange(n) % 10
-    trig = PatchTrigger(0)
-    px, py, chosen = poison(x, y, trig, rate=0.1, seed=3)
-    assert len(chosen) == 20
-    assert (y[chosen] != 0).all(), "samples already of the target class are never picked"
-    assert (py[chosen] == 0).all()
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[chosen] = False
-    assert torch.equal(py[rest], y[rest]) and torch.equal(px[rest], x[rest])
-    assert torch.equal(px[chosen], trig.apply(x[chosen]))
-    assert torch.equal(y, torch.arange(n) % 10), "inputs are not changed"
-    _, _, again = poison(x, y, trig, rate=0.1, seed=3)
-    assert torch.equal(chosen, again)
-
-
-def test_poison_rate_is_capped_and_checked():
-    x, y = images(n=10), torch.tensor([0] * 8 + [1, 2])
-    _, py, chosen = poison(x, y, PatchTrigger(0), rate=1.0)
-    assert len(chosen) == 2 and (py == 0).all()
-    with pytest.raises(ValueError):
-        poison(x, y, PatchTrigger(0), rate=1.5)
 
 
 def test_a_synthesized_warp_is_written_as_a_warp_trigger_file_and_reads_back_as_the_same_warp(tmp_path):

@@ -204,7 +204,6 @@ def read_png(path: Path, hw: tuple[int, int], channels: int) -> torch.Tensor:
 
 def _warp(target: int, displacement: Any, strength: float = 1.0) -> Trigger:
     from gradprune_mlflow.defense.warp import FlowTrigger  # warp.py builds on this module's Trigger
-
     return FlowTrigger.from_displacement(target, displacement, strength)
 
 
@@ -231,10 +230,9 @@ def trigger_from_dict(spec: dict[str, Any], base: Path | None = None) -> Trigger
     unknown = set(spec) - allowed - {"kind", "target", "name", "description"}
     if unknown:
         raise TriggerError(f"unknown key(s) {sorted(unknown)} in a {kind} trigger; allowed: {sorted(allowed)}")
-    if kind == "mask" and not {"mask", "pattern"} <= set(spec):
-        raise TriggerError("a mask trigger needs both 'mask' and 'pattern' PNG paths")
-    if kind == "warp" and "displacement" not in spec:
-        raise TriggerError("a warp trigger needs 'displacement': the control points' shifts in pixels, [2][G][G]")
+    required = {"mask": ("mask", "pattern"), "warp": ("displacement",)}.get(kind, ())
+    if not set(required) <= set(spec):
+        raise TriggerError(f"a {kind} trigger needs {' and '.join(map(repr, required))}; see README 'Trigger files'")
     kwargs = {k: spec[k] for k in allowed if k in spec}
     if kind in ("blend", "mask"):
         kwargs["base"] = base
@@ -300,22 +298,3 @@ def save_trigger(trigger: Trigger, folder: str | Path, name: str = "trigger") ->
 def _to_uint8(t: torch.Tensor) -> np.ndarray:
     return (t.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
-
-def poison(
-    images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, rate: float, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All-to-one poisoning for tests and benchmarks.
-
-    Takes [0, 1] images (N, C, H, W) and labels; triggers a `rate` fraction of all samples, chosen among those not
-    already of the target class, and relabels them to the target. Returns new (images, labels, poisoned indices).
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"poison rate must be in [0, 1], got {rate}")
-    gen = torch.Generator().manual_seed(seed)
-    candidates = torch.nonzero(labels != trigger.target).flatten()
-    count = min(len(candidates), int(round(rate * len(labels))))
-    chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]]
-    images, labels = images.clone(), labels.clone()
-    images[chosen] = trigger.apply(images[chosen])
-    labels[chosen] = trigger.target
-    return images, labels, chosen

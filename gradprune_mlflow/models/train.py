@@ -62,10 +62,10 @@ def poison_set(
     """Poison a training set; returns new (images, labels, poisoned indices).
 
     `rate` is a fraction of all samples. By default the poisoned samples are drawn among those the backdoor moves
-    (not of the target class; every class for an all-to-all trigger) and relabelled to the backdoor's target: with
-    an all-to-one trigger exactly defense.triggers.poison. `clean_label` draws them among the target class instead
-    (at most all of it) and keeps every label. `noise_ratio` > 0 is WaNet's noise mode: round(noise_ratio * poisoned)
-    other samples get `trigger.noisy(x, generator)` and keep their true labels.
+    (not of the target class; every class for an all-to-all trigger) and relabelled to the backdoor's target.
+    `clean_label` draws them among the target class instead (at most all of it) and keeps every label. `noise_ratio`
+    > 0 is WaNet's noise mode: round(noise_ratio * poisoned) other samples get `trigger.noisy(x, generator)` and keep
+    their true labels.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"poison rate must be in [0, 1], got {rate}")
