@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gradprune_mlflow import lab
-from gradprune_mlflow.benchmark.presets import CLEAN, get_preset
+from gradprune_mlflow.benchmark.presets import CLEAN, small_cnn_zoo
 from gradprune_mlflow.benchmark.runner import model_for
 from gradprune_mlflow.config import SanitizeConfig, warp_steps
 from gradprune_mlflow.defense.normalize import Normalized
@@ -44,19 +44,6 @@ def responses(model, seed: int) -> list[float]:
     hits = warp_probe(net, train, clean.meta.num_classes, steps=warp_steps(cfg), restarts=cfg.synth_restarts,
                       generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED), progress=SilentProgress())
     return [round(h.response, 4) for h in hits]
-
-
-def cases(split: str, epochs: int, attacks: list[str] | None):
-    quick = get_preset("zoo-cpu-quick").with_overrides(epochs=epochs, attacks=attacks)
-    for seed in quick.seeds(split):
-        for attack in quick.attacks:
-            yield quick, "small_cnn", attack, seed
-    if epochs == quick.epochs:  # the clean models of the false-positive preset (its own training budget)
-        clean = get_preset("zoo-clean-cpu")
-        for arch in clean.archs:
-            for seed in clean.seeds(split):
-                if arch != "small_cnn" or seed not in quick.seeds(split):
-                    yield clean, arch, CLEAN, seed
 
 
 def markdown(lines: list[dict]) -> str:
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         print(markdown([json.loads(line) for line in args.md.read_text().splitlines() if line.strip()]))
         return 0
-    for preset, arch, attack, seed in cases(args.split, args.epochs, args.attacks):
+    for preset, arch, attack, seed in small_cnn_zoo(args.split, args.epochs, args.attacks):
         model, trigger = model_for(attack, arch, preset, seed, HERE / "cache", torch.device("cpu"))
         start = time.perf_counter()
         rates = responses(model, seed)

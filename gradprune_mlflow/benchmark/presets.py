@@ -104,3 +104,20 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
             except ValueError:
                 continue
     return out
+
+
+def small_cnn_zoo(split: str, epochs: int, attacks: list[str] | None = None):
+    """(preset, arch, attack, seed) of the zoo-cpu-quick preset's small CNNs of `split` (its attacks, or `attacks`,
+    trained for `epochs`) and, at that preset's own epochs, of the zoo-clean-cpu preset's clean models: the models
+    the per-model probe studies (benchmarks/warp_probe.py, benchmarks/spread_probe.py) run on."""
+    base = get_preset("zoo-cpu-quick")
+    quick = base.with_overrides(epochs=epochs, attacks=attacks)
+    for seed in quick.seeds(split):
+        for attack in quick.attacks:
+            yield quick, "small_cnn", attack, seed
+    if epochs == base.epochs:  # the clean models of the false-positive preset (its own training budget)
+        clean = get_preset("zoo-clean-cpu")
+        for arch in clean.archs:
+            for seed in clean.seeds(split):
+                if arch != "small_cnn" or seed not in quick.seeds(split):
+                    yield clean, arch, CLEAN, seed

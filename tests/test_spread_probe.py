@@ -1,0 +1,54 @@
+"""The all-to-all study's spread probe (benchmarks/spread_probe.py): it measures what its table says it does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradprune_mlflow.data.cleanset import Split
+from scripts import benchmark_script
+
+K, SIDE = 10, 8
+
+
+class CornerBackdoor(nn.Module):
+    """Reads the class from a one-hot code in row 0; a white 2x2 square in the bottom-right corner sends class y to
+    `send(y)`: (y + 1) mod K for an all-to-all backdoor, one sink class for a clean model's weakness."""
+
+    def __init__(self, send):
+        super().__init__()
+        self.send = send
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x[:, 0, 0, :K].argmax(1)
+        stamped = x[:, 0, -2:, -2:].flatten(1).min(1).values > 0.99
+        y = torch.where(stamped, self.send(y), y)
+        return nn.functional.one_hot(y, K).float()
+
+
+def coded(n: int = 40) -> Split:
+    labels = torch.arange(n) % K
+    images = torch.full((n, 1, SIDE, 16), 0.5)
+    images[torch.arange(n), 0, 0, labels] = 1.0
+    images[..., -2:, -2:] = 0.5
+    return Split(images, labels)
+
+
+def test_the_squares_cover_the_last_rows_and_columns():
+    squares = benchmark_script("spread_probe").squares(8, 16, (2, 3))
+    assert (6, 14, 2) in squares and (5, 13, 3) in squares and (0, 0, 2) in squares
+    assert all(top + side <= 8 and left + side <= 16 for top, left, side in squares)
+
+
+def test_an_all_to_all_square_spreads_and_a_sink_does_not():
+    script = benchmark_script("spread_probe")
+    data = coded()
+    spread = script.spread_probe(CornerBackdoor(lambda y: (y + 1) % K), data, K, (2,))
+    assert spread.window == (6, 14, 2) and spread.fill == "white"
+    # every image moved, each class to its own: all but the two largest destinations' images count
+    assert spread.moved == 1.0 and spread.spread == pytest.approx(0.8)
+    assert spread.destinations == [4] * K
+    sink = script.spread_probe(CornerBackdoor(lambda y: torch.full_like(y, 8)), data, K, (2,))
+    assert sink.spread == 0.0  # whatever a square moves goes to one or two classes
