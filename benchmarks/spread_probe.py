@@ -18,9 +18,6 @@ model from every clean one (benchmarks/RESULTS.md). Models come from benchmarks/
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +25,7 @@ import torch
 from torch import nn
 
 from gradprune_mlflow import lab
-from gradprune_mlflow.benchmark.presets import small_cnn_zoo
-from gradprune_mlflow.benchmark.runner import model_for
+from gradprune_mlflow.benchmark.study import run_study
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.metrics import batch_for
@@ -123,25 +119,8 @@ def markdown(lines: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", default="dev", choices=["dev", "test"])
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--attacks", nargs="+", help="default: the zoo-cpu-quick preset's")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "spread-probe.jsonl")
-    ap.add_argument("--md", type=Path, help="print the lines of this file as a table and run nothing")
-    args = ap.parse_args(argv)
-    if args.md:
-        print(markdown([json.loads(line) for line in args.md.read_text().splitlines() if line.strip()]))
-        return 0
-    for preset, arch, attack, seed in small_cnn_zoo(args.split, args.epochs, args.attacks):
-        model, _ = model_for(attack, arch, preset, seed, HERE / "cache", torch.device("cpu"))
-        start = time.perf_counter()
-        line = {"arch": arch, "attack": attack, "epochs": preset.epochs, "seed": seed, "split": args.split,
-                "hit": probe(model, seed), "seconds": round(time.perf_counter() - start, 1)}
-        with args.out.open("a") as fh:
-            fh.write(json.dumps(line) + "\n")
-        print(markdown([line]).splitlines()[-1], flush=True)
-    return 0
+    return run_study(argv, __doc__.splitlines()[0], HERE / "results" / "spread-probe.jsonl", HERE / "cache",
+                     lambda attack, model, trigger, seed: {"hit": probe(model, seed)}, markdown)
 
 
 if __name__ == "__main__":

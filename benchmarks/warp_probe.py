@@ -14,16 +14,13 @@ come from benchmarks/cache (trained when missing).
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
 
 from gradprune_mlflow import lab
-from gradprune_mlflow.benchmark.presets import CLEAN, small_cnn_zoo
-from gradprune_mlflow.benchmark.runner import model_for
+from gradprune_mlflow.benchmark.presets import CLEAN
+from gradprune_mlflow.benchmark.study import run_study
 from gradprune_mlflow.config import SanitizeConfig, warp_steps
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.probes import WARP_SEED
@@ -57,28 +54,14 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+def measure(attack: str, model, trigger, seed: int) -> dict:
+    target = None if attack == CLEAN or isinstance(trigger, AllToAllTrigger) else trigger.target
+    return {"target": target, "responses": responses(model, seed)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", default="dev", choices=["dev", "test"])
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--attacks", nargs="+", help="default: the zoo-cpu-quick preset's")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "warp-probe.jsonl")
-    ap.add_argument("--md", type=Path, help="print the lines of this file as a table and run nothing")
-    args = ap.parse_args(argv)
-    if args.md:
-        print(markdown([json.loads(line) for line in args.md.read_text().splitlines() if line.strip()]))
-        return 0
-    for preset, arch, attack, seed in small_cnn_zoo(args.split, args.epochs, args.attacks):
-        model, trigger = model_for(attack, arch, preset, seed, HERE / "cache", torch.device("cpu"))
-        start = time.perf_counter()
-        rates = responses(model, seed)
-        target = None if attack == CLEAN or isinstance(trigger, AllToAllTrigger) else trigger.target
-        line = {"arch": arch, "attack": attack, "epochs": preset.epochs, "seed": seed, "split": args.split,
-                "target": target, "responses": rates, "seconds": round(time.perf_counter() - start, 1)}
-        with args.out.open("a") as fh:
-            fh.write(json.dumps(line) + "\n")
-        print(markdown([line]).splitlines()[-1], flush=True)
-    return 0
+    return run_study(argv, __doc__.splitlines()[0], HERE / "results" / "warp-probe.jsonl", HERE / "cache", measure,
+                     markdown)
 
 
 if __name__ == "__main__":

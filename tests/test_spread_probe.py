@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -52,3 +54,14 @@ def test_an_all_to_all_square_spreads_and_a_sink_does_not():
     assert spread.destinations == [4] * K
     sink = script.spread_probe(CornerBackdoor(lambda y: torch.full_like(y, 8)), data, K, (2,))
     assert sink.spread == 0.0  # whatever a square moves goes to one or two classes
+
+
+def test_its_table_reads_the_lines_the_study_wrote(tmp_path, capsys):
+    line = {"arch": "small_cnn", "attack": "badnets-all-to-all", "epochs": 10, "seed": 0, "split": "dev",
+            "hit": {"spread": 0.275, "moved": 0.407, "fill": "white", "window": {"top": 25, "left": 25, "side": 3},
+                    "destinations": [4, 6, 5, 6, 6, 3, 0, 0, 6, 1]}, "seconds": 20.0}
+    (tmp_path / "lines.jsonl").write_text(json.dumps(line) + "\n")
+    assert benchmark_script("spread_probe").main(["--md", str(tmp_path / "lines.jsonl")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-1] == ("| small_cnn badnets-all-to-all | 10 | 0 | 27.5% | 40.7% | 25, 25, 3, white "
+                        "| 4 6 5 6 6 3 0 0 6 1 |")
