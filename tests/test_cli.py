@@ -216,6 +216,7 @@ def test_outputs_when_nothing_was_flagged(tmp_path, capsys):
     from gradprune_mlflow.api import SanitizeResult
     from gradprune_mlflow.cli.sanitize import print_summary, write_outputs
     from gradprune_mlflow.defense.triggers import PatchTrigger, load_trigger
+    from gradprune_mlflow.defense.warp import FlowTrigger
     from gradprune_mlflow.models.io import save_model
 
     out = tmp_path / "out"
@@ -225,7 +226,8 @@ def test_outputs_when_nothing_was_flagged(tmp_path, capsys):
               "asr_measured_with": "synthesized", "detection": {"target": 7, "anomaly_index": 1.4, "flagged": False},
               "before": {"clean_accuracy": 0.9, "attack_success_rate": 0.1, "robust_accuracy": 0.8}, "after": None,
               "pruned_filters": 0, "total_filters": 48, "gradient_passes": 0, "evaluated_on": "validation"}
-    result = SanitizeResult(None, report, [], [], [candidate])
+    warp = FlowTrigger(7, torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0)))
+    result = SanitizeResult(None, report, [], [], [candidate, warp])
     written = write_outputs(result, out, input_shape=(1, 28, 28))
     print_summary(result, written)
 
@@ -234,6 +236,8 @@ def test_outputs_when_nothing_was_flagged(tmp_path, capsys):
     saved = load_trigger(out / "triggers" / "class7-0.json")
     x = torch.rand(2, 1, 28, 28)
     assert saved.target == 7 and torch.equal(saved.apply(x), candidate.apply(x))
+    saved_warp = load_trigger(out / "triggers" / "class7-1.json")  # the warp probe's warps are written too
+    assert saved_warp.kind == "synthesized-warp" and torch.allclose(saved_warp.apply(x), warp.apply(x), atol=1e-4)
     shown = capsys.readouterr().out
     assert "class 7 not flagged (anomaly index 1.40)" in shown
     assert "no model written" in shown and "90.0%" in shown

@@ -26,6 +26,7 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import load_clean_set
 from gradprune_mlflow.data.s3 import push_object
 from gradprune_mlflow.defense.triggers import MaskTrigger, PatchTrigger
+from gradprune_mlflow.defense.warp import FlowTrigger
 from gradprune_mlflow.errors import BadInput, TriggerError, UnsafeModel, UnsupportedModel
 from gradprune_mlflow.models.zoo import create_model
 from gradprune_mlflow.registry import claim as claims
@@ -136,7 +137,8 @@ def _result(model, *, asr_after=0.02) -> SanitizeResult:
     history = [{"layer": "features.0", "filter": f, "step": f // 2, "score": 1.0 / (f + 1)} for f in range(6)]
     mask = torch.zeros(1, 28, 28)
     mask[:, -3:, -3:] = 1
-    return SanitizeResult(model, report, history, curve, [MaskTrigger(0, mask, torch.ones(1, 28, 28))])
+    warp = FlowTrigger(0, torch.full((2, 4, 4), 0.5))
+    return SanitizeResult(model, report, history, curve, [MaskTrigger(0, mask, torch.ones(1, 28, 28)), warp])
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,8 @@ def test_a_run_logs_metrics_curve_artifacts_and_inputs(client, small_set):
     files = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for d in ("plots", "triggers", "validation") for a in client.list_artifacts(run_id, d)}
     assert {"report.json", "pruning_history.json", "validation/ge_result.json", "plots/pruning_curve.png",
-            "plots/synthesized_triggers.png", "triggers/class0-0.json", "triggers/class0-0_mask.png"} <= files
+            "plots/synthesized_triggers.png", "triggers/class0-0.json", "triggers/class0-0_mask.png",
+            "triggers/class0-1.json"} <= files
     report = json.loads(Path(client.download_artifacts(run_id, "report.json")).read_text())
     assert report["after"]["attack_success_rate"] == 0.02
     (dataset,) = run.inputs.dataset_inputs
