@@ -195,7 +195,7 @@ class Detection:
     flagged: bool
     family: str
     per_family: dict[str, dict[str, list[float]]]
-    # What flagged the class: "patch_probe", "noise_probe" or "anomaly_index" (None when nothing was flagged).
+    # What flagged the class: "patch_probe", "noise_probe", "warp_probe" or "anomaly_index" (None: nothing flagged).
     flagged_by: str | None = None
     probes: dict | None = None  # the probes' per-class responses (gradprune_mlflow.defense.probes)
     score: dict | None = None  # the flag score, its verdict and each detector's part (defense/evidence.py)
