@@ -10,15 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from gradprune_mlflow.defense.trigger_files import savable, save_mask_trigger, save_triggers
 from gradprune_mlflow.defense.triggers import (
     BlendTrigger,
     PatchTrigger,
     SignalTrigger,
     check_trigger_fits,
     load_trigger,
-    savable,
-    save_mask_trigger,
-    save_trigger,
     trigger_from_dict,
 )
 from gradprune_mlflow.defense.warp import FlowTrigger
@@ -185,7 +183,8 @@ def test_saved_mask_trigger_reloads_identically(tmp_path):
 def test_a_synthesized_warp_is_written_as_a_warp_trigger_file_and_reads_back_as_the_same_warp(tmp_path):
     field = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3))
     warp = FlowTrigger(6, field, 1.5)
-    path = save_trigger(warp, tmp_path / "saved", name="class6-0")
+    (path,) = save_triggers([warp], tmp_path / "saved")
+    assert path.name == "class6-0.json"
     spec = json.loads(path.read_text())
     assert (spec["kind"], spec["target"], spec["strength"]) == ("warp", 6, 1.5)
     assert max(abs(v) for axis in spec["displacement"] for row in axis for v in row) <= 1.0

@@ -117,7 +117,7 @@ def write_outputs(result: SanitizeResult, out: Path, *, input_shape: tuple[int, 
     Returns what was written, by name. A model folder left by an earlier run is removed when this run has no model,
     so that DIR never pairs a report with another run's model.
     """
-    from gradprune_mlflow.defense.triggers import savable, save_trigger
+    from gradprune_mlflow.defense.trigger_files import save_triggers
     from gradprune_mlflow.models.io import save_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -129,8 +129,8 @@ def write_outputs(result: SanitizeResult, out: Path, *, input_shape: tuple[int, 
         written["model"] = save_model(result.model, model_dir, input_shape=input_shape, history=result.history)
     elif (model_dir / "MLmodel").is_file():
         shutil.rmtree(model_dir)
-    for i, trig in enumerate(savable(result.triggers)):
-        written[f"trigger{i}"] = save_trigger(trig, out / "triggers", name=f"class{trig.target}-{i}")
+    for i, path in enumerate(save_triggers(result.triggers, out / "triggers")):
+        written[f"trigger{i}"] = path
     return written
 
 

@@ -56,14 +56,19 @@ class FlowTrigger(Trigger):
         if len(x) == 0:
             return x.clone()
         h, w = x.shape[-2:]
-        identity = _identity(h, w).to(x.device)
-        grid = identity + self.strength * (sampling_grid(self.field.to(x.device), h, w) - identity)
+        grid = _identity(h, w).to(x.device) + self.displacement(h, w, x.device)
         out = F.grid_sample(x.float(), grid.expand(len(x), -1, -1, -1), align_corners=True, padding_mode="border")
         return out.clamp(0, 1).to(x.dtype)
 
+    def displacement(self, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(1, H, W, 2): where each pixel of an h x w image is read from, relative to itself, in grid_sample's
+        [-1, 1] coordinates (x first), at this warp's strength."""
+        identity = _identity(h, w).to(device)
+        return self.strength * (sampling_grid(self.field.to(device), h, w) - identity)
+
     def shift_map(self, h: int, w: int) -> torch.Tensor:
         """(H, W): how far this warp moves each pixel of an h x w image, in pixels."""
-        moved = (sampling_grid(self.field, h, w) - _identity(h, w))[0] * self.strength
+        moved = self.displacement(h, w)[0]
         return torch.hypot(moved[..., 0] * (w - 1) / 2, moved[..., 1] * (h - 1) / 2)
 
     def spec(self) -> dict[str, Any]:

@@ -172,14 +172,13 @@ def log_result(client: MlflowClient, run_id: str, result, clean_set: CleanSet | 
 
 
 def _log_triggers(client: MlflowClient, run_id: str, triggers, clean_set: CleanSet | None) -> None:
-    from gradprune_mlflow.defense.triggers import savable, save_trigger
+    from gradprune_mlflow.defense.trigger_files import savable, save_triggers
 
     shown = savable(triggers)
     if not shown:
         return
     with tempfile.TemporaryDirectory(prefix="gradprune-triggers-") as tmp:
-        for i, trig in enumerate(shown):
-            save_trigger(trig, tmp, name=f"class{trig.target}-{i}")
+        save_triggers(shown, tmp)
         client.log_artifacts(run_id, tmp, "triggers")
     client.log_image(run_id, triggers_png(shown, clean_set), artifact_file="plots/synthesized_triggers.png")
 
