@@ -69,8 +69,6 @@ class SanitizeConfig:
     finetune_augment: bool = True
     # Weight of the distillation term that keeps clean predictions close to the original model's.
     distill_weight: float | None = None
-    # Weight of the same distillation on mixtures of pairs of clean images, relative to distill_weight.
-    distill_mix: float = 0.0
     # Weight of the triggered-image CE (true labels) against the clean CE.
     unlearn_weight: float | None = None
     # Weight of a term that pushes triggered images of the other classes away from the trigger's target class

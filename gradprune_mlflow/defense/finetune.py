@@ -71,17 +71,6 @@ def away_from_target(logits: torch.Tensor, labels: torch.Tensor, target: int) ->
     return -torch.logsumexp(others, 1).mean()
 
 
-def mixed_distill(net: nn.Module, teacher: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """KL from the teacher on mixtures of pairs of clean images: inputs between the trusted images, where a few
-    hundred hard labels say nothing and the original model's answers are all there is to keep."""
-    n = len(x)
-    share = torch.rand(n, 1, 1, 1, generator=generator).to(x.device)
-    mixed = share * x + (1 - share) * x[torch.randperm(n, generator=generator).to(x.device)]
-    with torch.no_grad():
-        soft = F.softmax(teacher(mixed).float(), 1)
-    return F.kl_div(F.log_softmax(net(mixed).float(), 1), soft, reduction="batchmean")
-
-
 def validation_loss(net: nn.Module, val_clean: Split, val_triggered: Split, clean_only: bool, batch_size: int) -> float:
     """The early-stopping criterion: clean CE, plus triggered CE unless clean_only."""
     loss = mean_loss(net, val_clean.images, val_clean.labels, batch_size)
@@ -112,7 +101,6 @@ def finetune(
     unlearn_weight, epochs, patience = (cfg.resolved(n) for n in ("unlearn_weight", "finetune_epochs",
                                                                     "finetune_patience"))
     away = cfg.resolved("away_weight")
-    mix = cfg.distill_mix
     opt = torch.optim.Adam(net.parameters(), lr=cfg.finetune_lr)
     steps = epochs * -(-len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
@@ -139,8 +127,6 @@ def finetune(
                         soft = F.softmax(teacher(x).float(), 1)
                     log_p = F.log_softmax(clean_logits.float(), 1)
                     loss = loss + distill * F.kl_div(log_p, soft, reduction="batchmean")
-                if distill and mix:
-                    loss = loss + mix * distill * mixed_distill(net, teacher, x, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
