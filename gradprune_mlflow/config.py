@@ -7,6 +7,8 @@ from typing import Any
 
 from gradprune_mlflow.errors import BadInput
 
+PRECISIONS = ("fp32", "bf16")  # the searches' (defense/searchnet.py)
+
 MODES = ("fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 ON_CLEAN = ("skip", "sanitize")
@@ -78,6 +80,9 @@ class SanitizeConfig:
 
     # --- trigger synthesis (trigger-free mode) ---
     synth_steps: int = 200
+    # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", or "bf16",
+    # which is faster where the hardware computes bfloat16 natively (defense/searchnet.py). Measuring stays float32.
+    search_precision: str = "fp32"
     synth_restarts: int = 2
     # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).
@@ -151,6 +156,8 @@ class SanitizeConfig:
             raise BadInput(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.on_clean not in ON_CLEAN:
             raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
+        if self.search_precision not in PRECISIONS:
+            raise BadInput(f"search_precision must be one of {', '.join(PRECISIONS)}, got {self.search_precision!r}")
         if self.stages not in STAGES:
             raise BadInput(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -26,7 +26,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models.evaluation import EvaluationResult, ModelEvaluator
 
-from gradprune_mlflow.config import SanitizeConfig
+from gradprune_mlflow.config import PRECISIONS, SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.metrics import evaluate as measure
 from gradprune_mlflow.defense.normalize import Normalized
@@ -39,7 +39,7 @@ NAME = "gradprune"
 PREFIX = "gradprune/"
 CONFIG_KEYS = {"model_uri", "mean", "std", "input_shape", "eval_trigger", "synthesize", "synth_steps", "synth_restarts",
                "anomaly_threshold", "relative_size", "patch_threshold", "noise_threshold", "warp_threshold",
-               "warp_steps", "flag_slope", "flag_threshold", "suspect_threshold", "seed", "device"}
+               "warp_steps", "search_precision", "flag_slope", "flag_threshold", "suspect_threshold", "seed", "device"}
 # Pixels un-normalised with mean/std must land in [0, 1]; this much float noise is tolerated.
 PIXEL_SLACK = 1e-3
 
@@ -62,6 +62,7 @@ class EvalConfig:
     noise_threshold: float = SanitizeConfig.noise_threshold
     warp_threshold: float = SanitizeConfig.warp_threshold
     warp_steps: int | None = SanitizeConfig.warp_steps
+    search_precision: str = SanitizeConfig.search_precision
     flag_slope: float = SanitizeConfig.flag_slope
     flag_threshold: float = SanitizeConfig.flag_threshold
     suspect_threshold: float = SanitizeConfig.suspect_threshold
@@ -79,6 +80,8 @@ class EvalConfig:
         for key in ("mean", "std"):
             if key in raw:
                 raw[key] = _floats(raw[key], key)
+        if raw.get("search_precision", "fp32") not in PRECISIONS:
+            raise BadInput(f"gradprune evaluator: search_precision must be one of {', '.join(PRECISIONS)}")
         if any(s <= 0 for s in raw.get("std", (1.0,))):
             raise BadInput("gradprune evaluator: std values must be positive")
         if raw.get("input_shape") is not None:

@@ -230,7 +230,7 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
                   ) -> Search:
     """Search both families for every class, run the probes and decide. `cfg` names synth_steps, synth_restarts,
     warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig)."""
-    net = search_copy(net, data.images[:8])
+    net = search_copy(net, data.images[:8], cfg.search_precision)
     results = [synthesize(net, data.images, data.labels, num_classes, family, steps=cfg.synth_steps,
                           restarts=cfg.synth_restarts, generator=generator, progress=progress)
                for family in FAMILIES]

@@ -112,7 +112,7 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
     target = detection.target
     for rnd in range(1, cfg.recheck_rounds + 1):
         found = []
-        searched = search_copy(net, train.images[:8])
+        searched = search_copy(net, train.images[:8], cfg.search_precision)
         for family in families:
             col = family.column(target)
             again = synthesize(searched, train.images, train.labels, len(family.sizes[0]), family.family,
@@ -142,7 +142,7 @@ def with_fixed_blend(net, train: Split, target: int, cfg: SanitizeConfig, gen: t
     Unlearning the blend family's triggers and fresh noise alone leaves a Blend model answering to the attacker's
     image; these patterns remove more of it (docs/algorithm.md, "The trigger"; measured in benchmarks/RESULTS.md).
     """
-    searched = search_copy(net, train.images[:8])
+    searched = search_copy(net, train.images[:8], cfg.search_precision)
     fixed = fixed_strength_blend(searched, train.images, train.labels, target, NOISE_ALPHA, steps=cfg.fixed_blend_steps,
                                  restarts=cfg.synth_restarts, generator=gen, progress=progress)
     if not fixed:  # no training image of another class: nothing to search with
@@ -182,7 +182,7 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
                   progress: Progress, timings: PhaseTimer) -> Found:
     """Search every class in every family, decide, and build the unlearning mix (docs/algorithm.md, "The trigger")."""
     # one search copy for every search of this model before it changes (find_backdoor's and the fixed blend's)
-    searched = search_copy(net, train.images[:8])
+    searched = search_copy(net, train.images[:8], cfg.search_precision)
     with timings("synthesis"):
         detection, families, hit, responses, warps = synthesized_families(searched, train, cfg, k, gen, progress)
     target = detection.target
