@@ -305,12 +305,18 @@ def test_speed_table_lists_every_phase_of_every_line(tmp_path, capsys):
             "status": "flagged", "asr_after": 0.028, "acc_after": 0.781,
             "timings": {"synthesis": 50.2, "pruning": 2.0, "fine_tuning": 20.6, "verification": 40.1, "measuring": 1}}
     path = tmp_path / "speed.jsonl"
-    path.write_text(json.dumps(line) + "\n")
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, "settings": {"search_precision": "bf16"}}) + "\n")
     assert benchmark_script("speed").main(["--md", str(path)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 3 and table[1].count("|") == table[0].count("|")
+    assert len(table) == 4 and table[1].count("|") == table[0].count("|")
     assert table[2] == ("| abc1234 | small_cnn signal s0 | 2 | flagged | 120.4 | 50 | 2 | 21 | 0 | 40 | 1 | 2.8% | "
                         "78.1% |")
+    assert table[3].startswith("| abc1234 | small_cnn signal s0, search_precision=bf16 | 2 |")
+
+
+def test_speed_settings_are_read_as_json_where_they_parse():
+    value = benchmark_script("speed")._value
+    assert (value("bf16"), value("100"), value("false"), value("0.5")) == ("bf16", 100, False, 0.5)
 
 
 @pytest.mark.slow

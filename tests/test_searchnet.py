@@ -155,3 +155,57 @@ def test_a_search_copy_given_back_is_not_copied_again(badnets_cnn, clean_set):
     x = torch.rand(4, 1, 8, 8)
     plain = search_copy(Branchy().eval(), x)  # the fallback copy of a model torch.fx cannot trace
     assert isinstance(plain, Branchy) and search_copy(plain, x) is plain
+
+
+def test_a_bfloat16_copy_takes_and_gives_float32_and_agrees_with_the_model(badnets_cnn, clean_set):
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std).eval()
+    low = search_copy(net, clean_set.images[:8], "bf16")
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in net.parameters()} == {torch.float32}  # the model itself is not cast
+    x = clean_set.images[:200].clone().requires_grad_()
+    got = low(x)
+    got.logsumexp(1).sum().backward()  # searches need the input's gradient, in the input's own dtype
+    assert got.dtype == torch.float32 and x.grad is not None and x.grad.dtype == torch.float32
+    with torch.no_grad():
+        want = net(clean_set.images[:200])
+    assert float((got.detach() - want).abs().max()) <= 0.05 * (float(want.abs().max()) + 1)
+    assert float((got.argmax(1) == want.argmax(1)).float().mean()) >= 0.95
+    assert search_copy(low, clean_set.images[:8], "bf16") is low
+
+
+class Constant(nn.Module):
+    """A weight held as a plain float32 tensor, not a parameter, in a model torch.fx cannot trace (so the plain copy
+    is cast): casting the module leaves it float32, and bfloat16 inputs cannot be multiplied with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.weight = torch.randn(3, 2)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        if h.mean() > 0:
+            h = h.relu()
+        return h @ self.weight
+
+
+class Overflow(nn.Module):
+    """Logits that bfloat16's 8 bits move by more than its tolerance: 1 + 1e-3 rounds to 1 before the scale-up."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x):
+        return ((self.conv(x).mean((2, 3)) * 1e-3 + 1) - 1) * 1e4
+
+
+@pytest.mark.parametrize("model", [Constant, Overflow])
+def test_a_model_that_does_not_survive_bfloat16_keeps_a_float32_copy(model):
+    torch.manual_seed(0)
+    net = model().eval()
+    x = torch.rand(4, 1, 8, 8)
+    copied = search_copy(net, x, "bf16")
+    assert {p.dtype for p in copied.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.allclose(copied(x), net(x), atol=1e-3)
