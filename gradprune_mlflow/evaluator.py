@@ -80,7 +80,7 @@ class EvalConfig:
         for key in ("mean", "std"):
             if key in raw:
                 raw[key] = _floats(raw[key], key)
-        if raw.get("search_precision", "fp32") not in PRECISIONS:
+        if raw.get("search_precision", "auto") not in PRECISIONS:
             raise BadInput(f"gradprune evaluator: search_precision must be one of {', '.join(PRECISIONS)}")
         if any(s <= 0 for s in raw.get("std", (1.0,))):
             raise BadInput("gradprune evaluator: std values must be positive")

@@ -58,3 +58,23 @@ def test_search_copy_on_cuda_folds_the_batchnorms_and_keeps_the_logits(badnets_c
         want = net(x)
         assert (fast(x) - want).abs().max() <= 2e-2 * (want.abs().max() + 1)
         assert (fast(x).argmax(1) == want.argmax(1)).float().mean() > 0.98
+
+
+def test_auto_precision_searches_a_bfloat16_copy_on_cuda(badnets_cnn, clean_set):
+    from gradprune_mlflow.defense.searchnet import search_copy
+
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std).cuda().eval()
+    low = search_copy(net, clean_set.images[:8], "auto")
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    x = clean_set.images[:200].cuda()
+    with torch.no_grad():
+        want, got = net(x), low(x)
+    assert got.dtype == torch.float32 and (got.argmax(1) == want.argmax(1)).float().mean() > 0.95
+
+
+def test_trigger_free_run_on_cuda_flags_the_backdoor_with_bfloat16_searches(badnets_cnn, clean_set, fashion_test):
+    report = sanitize(badnets_cnn, clean_set, None, device="cuda", eval_trigger=TRIGGER, test_set=fashion_test,
+                      **SETTINGS).report
+    assert report["config"]["search_precision"] == "auto"
+    assert report["detection"]["flagged"] and report["detection"]["target"] == 0
+    assert report["after"]["attack_success_rate"] < 0.2

@@ -376,5 +376,5 @@ def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
     assert prune_only["pruned_filters"] > 0 and prune_only["finetune_epochs"] == 0
     with pytest.raises(BadInput, match="stages must be one of"):
         sanitize(badnets_cnn, small, TRIGGER, stages="neither", **SMALL)
-    with pytest.raises(BadInput, match="search_precision must be one of fp32, bf16"):
+    with pytest.raises(BadInput, match="search_precision must be one of auto, fp32, bf16"):
         sanitize(badnets_cnn, small, TRIGGER, search_precision="half", **SMALL)

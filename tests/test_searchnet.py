@@ -209,3 +209,15 @@ def test_a_model_that_does_not_survive_bfloat16_keeps_a_float32_copy(model):
     assert {p.dtype for p in copied.parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.allclose(copied(x), net(x), atol=1e-3)
+
+
+def test_auto_precision_is_bfloat16_on_a_gpu_only(monkeypatch):
+    from gradprune_mlflow.defense.searchnet import resolved_precision
+
+    assert resolved_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolved_precision("bf16", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolved_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolved_precision("fp32", torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolved_precision("auto", torch.device("cuda")) == "fp32"

@@ -80,15 +80,23 @@ class _Bfloat16(nn.Module):
         return self.net(x.to(torch.bfloat16)).float()
 
 
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it and fp32 elsewhere (a CPU
+    without native bfloat16 emulates it, slower than float32; whether one has it is the user's call)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def search_copy(net: nn.Module, example: torch.Tensor, precision: str = "fp32") -> nn.Module:
     """An eval-mode copy of `net` with frozen weights, rearranged for speed where it computes the same logits on
-    `example` (a few [0, 1] images of the model's input shape), in `precision` ("fp32" or "bf16"); `net` itself is not
-    touched. A search copy given back is returned as it is: its weights are frozen, so it still computes what it was
-    checked to compute."""
+    `example` (a few [0, 1] images of the model's input shape), in `precision` ("fp32", "bf16" or "auto",
+    resolved_precision); `net` itself is not touched. A search copy given back is returned as it is: its weights are
+    frozen, so it still computes what it was checked to compute."""
     if getattr(net, MARK, False):
         return net
     copied = _float32_copy(net, example)
-    if precision == "fp32":
+    if resolved_precision(precision, next(copied.parameters()).device) == "fp32":
         return copied
     try:
         low = _marked(_frozen(_Bfloat16(copy.deepcopy(copied))))
