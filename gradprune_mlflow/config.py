@@ -80,11 +80,11 @@ class SanitizeConfig:
 
     # --- trigger synthesis (trigger-free mode) ---
     synth_steps: int = 200
+    synth_restarts: int = 2
     # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", "bf16" (faster
     # where the hardware computes bfloat16 natively; defense/searchnet.py) or "auto": bf16 on a GPU that supports it,
     # fp32 on a CPU (set bf16 there on one with AVX512-BF16 or AMX). Measuring stays float32.
     search_precision: str = "auto"
-    synth_restarts: int = 2
     # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).
     anomaly_threshold: float = 2.0
