@@ -221,3 +221,16 @@ def test_auto_precision_is_bfloat16_on_a_gpu_only(monkeypatch):
     assert resolved_precision("fp32", torch.device("cuda")) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolved_precision("auto", torch.device("cuda")) == "fp32"
+
+
+def test_the_detector_flags_the_backdoor_through_a_bfloat16_copy(badnets_cnn, clean_set):
+    """The same decision as in float32 (tests/test_sanitize.py): the patch probe flags class 0."""
+    from gradprune_mlflow.config import SanitizeConfig
+    from gradprune_mlflow.data.cleanset import Split
+    from gradprune_mlflow.defense.probes import find_backdoor
+
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std).eval()
+    data = Split(clean_set.images[::2], clean_set.labels[::2])
+    cfg = SanitizeConfig(synth_steps=40, warp_steps=10, search_precision="bf16")
+    detection = find_backdoor(net, data, 10, cfg, torch.Generator().manual_seed(0), SilentProgress()).detection
+    assert detection.flagged and detection.target == 0 and detection.flagged_by == "patch_probe"
