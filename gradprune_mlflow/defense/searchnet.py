@@ -82,7 +82,7 @@ class _Bfloat16(nn.Module):
 
 def resolved_precision(precision: str, device: torch.device) -> str:
     """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it and fp32 elsewhere (a CPU
-    without native bfloat16 emulates it, slower than float32; whether one has it is the user's call)."""
+    without native bfloat16 emulates it and may gain nothing; whether one has it is the user's call)."""
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
