@@ -24,6 +24,7 @@ import torch
 
 import gradprune_mlflow
 from gradprune_mlflow import lab, sanitize
+from gradprune_mlflow.cli.common import parse_settings
 
 HERE = Path(__file__).parent
 PHASES = ("synthesis", "pruning", "fine_tuning", "rechecks", "verification", "measuring")
@@ -64,14 +65,6 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _value(text: str):
-    """A --set value: JSON where it parses (numbers, true/false), the text itself otherwise."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", default="signal", help="a lab attack, or clean (default: signal)")
@@ -84,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         print(markdown([json.loads(x) for x in args.md.read_text().splitlines() if x.strip()]))
         return 0
-    settings = {key: _value(value) for key, value in (item.split("=", 1) for item in args.set)}
-    line = measure(args.attack, args.threads, settings)
+    line = measure(args.attack, args.threads, parse_settings(args.set))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as fh:
         fh.write(json.dumps(line, sort_keys=True) + "\n")

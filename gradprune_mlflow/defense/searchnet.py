@@ -96,12 +96,13 @@ def search_copy(net: nn.Module, example: torch.Tensor, precision: str = "fp32") 
     if getattr(net, MARK, False):
         return net
     copied = _float32_copy(net, example)
-    if resolved_precision(precision, next(copied.parameters()).device) == "fp32":
+    device = next(copied.parameters()).device
+    if resolved_precision(precision, device) == "fp32":
         return copied
     try:
         low = _marked(_frozen(_Bfloat16(copy.deepcopy(copied))))
         with torch.no_grad():
-            x = example.to(next(copied.parameters()).device)
+            x = example.to(device)
             want, got = copied(x), low(x)
     except Exception:  # weights held as constants stay float32 and refuse bfloat16 inputs: keep float32
         return copied
