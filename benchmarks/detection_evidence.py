@@ -55,7 +55,9 @@ def class_evidence(model, clean, seed: int) -> dict:
     detection, results, _, noise, _ = find_backdoor(net, train, k, cfg, gen, SilentProgress())
     by_family = {r.family: r for r in results}
     hits = detection.probes["patch"]
-    out = {"patch_probe": [h["best"] for h in sorted(hits, key=lambda h: h["target"])], "noise_probe": noise}
+    hits = sorted(hits, key=lambda h: h["target"])
+    out = {"patch_probe": [h["best"] for h in hits], "noise_probe": noise,
+           "patch_plain": [h["plain"] for h in hits], "patch_fill": [h["fill"] for h in hits]}
     if "warp" in detection.probes:
         out["warp_probe"] = detection.probes["warp"]
     for family, res in by_family.items():
@@ -100,7 +102,8 @@ def fill_asr(path: Path) -> None:
 def collect(args) -> None:
     seeds = {"dev_seeds" if args.split == "dev" else "test_seeds": args.seeds}
     preset = PRESETS[args.preset].with_overrides(archs=args.archs, attacks=args.attacks, per_class=args.per_class,
-                                                 **seeds)
+                                                 n_train=args.train_images, epochs=args.train_epochs,
+                                                 test_images=args.test_images, **seeds)
     out = Path(args.out)
     done = set()
     if out.is_file():
@@ -116,7 +119,8 @@ def collect(args) -> None:
                 model, trigger = model_for(attack, arch, preset, seed, cache, torch.device("cpu"))
                 clean = lab.trusted_set(n, seed=seed, image=preset.image)
                 row = {"preset": preset.name, "split": args.split, "arch": arch, "attack": attack, "seed": seed,
-                       "per_class": n, "target": _target(attack, trigger),
+                       "per_class": n, "train_images": preset.n_train, "train_epochs": preset.epochs,
+                       "target": _target(attack, trigger),
                        "asr": _asr(attack, model, trigger, clean, preset),
                        **class_evidence(model, clean, seed), "seconds": round(time.perf_counter() - start, 1)}
                 with out.open("a") as fh:
@@ -129,8 +133,9 @@ def scored(row: dict, t: Thresholds):
     """The flag score of one model's line under thresholds `t`."""
     c = row["classes"]
     # lines collected before the warp probe existed have no "warp_probe": scored without it
+    # lines collected before the probe kept its best plain square have no "patch_plain": every square counts as plain
     return flag_score(strengths(c["patch_probe"], c["noise_probe"], c["blend_index"], c["blend_relative"], t,
-                                c.get("warp_probe")), t)
+                                c.get("warp_probe"), c.get("patch_plain")), t)
 
 
 def summary(rows: list[dict], t: Thresholds) -> dict:
@@ -172,20 +177,25 @@ def choose(rows: list[dict], slopes: list[float], cfg: SanitizeConfig) -> Thresh
     backdoored ones at the right target, then leaves the fewest of those neither flagged nor suspect, then keeps the
     clean models farthest below the flag threshold. All-to-all models take no part: the zoo's CPU presets do not
     teach them their backdoor."""
+    return max((calibrated(rows, slope, cfg) for slope in slopes), key=merit(rows))
+
+
+def merit(rows: list[dict]):
+    """choose's order of thresholds on `rows`, as a sort key."""
     single = [r for r in rows if r["attack"] == CLEAN or single_target(r) is not None]
 
-    def merit(t: Thresholds):
+    def key(t: Thresholds):
         s = summary(single, t)
         return (s["clean_flagged"] == 0, s["right_target"], s["backdoored_suspect"] + s["backdoored_flagged"],
                 t.flag_threshold - s["clean_max"])
 
-    return max((calibrated(rows, slope, cfg) for slope in slopes), key=merit)
+    return key
 
 
 def score_table(rows: list[dict], t: Thresholds) -> str:
     """Markdown: every model's flag score, verdict, class and lead detector under thresholds `t`."""
     lines = ["| arch | attack | seed | target | ASR % | score | verdict | class | lead | patch | noise | blend | "
-             "decision when collected |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decision recorded with the evidence |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["attack"] != CLEAN, r["arch"], r["attack"], r["seed"])):
         s = scored(r, t)
         st = s.best.strengths
@@ -230,12 +240,14 @@ def write_report(rows: list[dict], candidates: list[Thresholds], chosen: Thresho
              f"`{command}`, written {date.today()} at commit {commit}; evidence from "
              f"{', '.join(sorted({r['preset'] for r in rows}))}, {rows[0]['per_class']} trusted images per class; "
              f"flag_threshold {chosen.flag_threshold}.", "",
-             "| flag_slope | suspect_threshold | clean models: highest score | clean flagged | clean suspect | "
-             "right target (single target) | backdoored flagged | backdoored suspect | AUROC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| flag_slope | patch_margin | suspect_threshold | clean models: highest score | "
+             "clean flagged | clean suspect | right target (single target) | backdoored flagged | backdoored suspect "
+             "| AUROC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t in candidates:
         s = summary(rows, t)
-        lines.append(f"| {t.flag_slope} | {t.suspect_threshold} | {s['clean_max']:.3f} | "
+        lines.append(f"| {t.flag_slope} | {t.patch_margin} | {t.suspect_threshold} | "
+                     f"{s['clean_max']:.3f} | "
                      f"{s['clean_flagged']}/{s['clean']} | {s['clean_suspect']}/{s['clean']} | "
                      f"{s['right_target']}/{s['single_target']} | {s['backdoored_flagged']}/{s['backdoored']} | "
                      f"{s['backdoored_suspect']}/{s['backdoored']} | {s['auroc']:.3f} |")
@@ -254,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", nargs="+")
     p.add_argument("--per-class", type=int, nargs=1)
     p.add_argument("--seeds", type=int, nargs="+", help="instead of the preset's seeds of the split")
+    p.add_argument("--train-images", type=int, help="attacker's training images (default: the preset's)")
+    p.add_argument("--train-epochs", type=int, help="attacker's training epochs (default: the preset's)")
+    p.add_argument("--test-images", type=int, help="measure the ASR on the first N test images (default: the preset's)")
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
     p.add_argument("--fill-asr", metavar="JSONL", help="add the real trigger's success rate to lines without one")
     p.add_argument("--slope", type=float, nargs="+", help="with --score: flag_slope values to compare")
+    p.add_argument("--margin", type=float, nargs="+", metavar="M",
+                   help="with --score: patch_margin values to compare (each with each slope)")
     p.add_argument("--calibrate", action="store_true",
                    help="with --score: set each slope's suspect threshold just above the clean models' highest score "
                         "and choose a slope (development lines only)")
@@ -270,13 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in Path(args.score).read_text().splitlines()]
         cfg = SanitizeConfig()
         slopes = args.slope or [cfg.flag_slope]
+        configs = [cfg.with_overrides(patch_margin=y)
+                   for y in args.margin or [cfg.patch_margin]]
         if args.calibrate:
-            candidates, chosen = [calibrated(rows, x, cfg) for x in slopes], choose(rows, slopes, cfg)
+            candidates = [calibrated(rows, x, c) for c in configs for x in slopes]
+            chosen = max((choose(rows, slopes, c) for c in configs), key=merit(rows))
         else:
-            candidates = [Thresholds.of(cfg.with_overrides(flag_slope=x)) for x in slopes]
+            candidates = [Thresholds.of(c.with_overrides(flag_slope=x)) for c in configs for x in slopes]
             chosen = Thresholds.of(cfg)
         for t in candidates:
-            print(f"flag_slope {t.flag_slope}, suspect_threshold {t.suspect_threshold}: {json.dumps(summary(rows, t))}")
+            print(f"flag_slope {t.flag_slope}, patch_margin {t.patch_margin}, "
+                  f"suspect_threshold {t.suspect_threshold}: {json.dumps(summary(rows, t))}")
         print(f"chosen: flag_slope {chosen.flag_slope}, suspect_threshold {chosen.suspect_threshold}")
         print(score_table(rows, chosen))
         if args.md:

@@ -89,9 +89,13 @@ class SanitizeConfig:
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).
     anomaly_threshold: float = 2.0
     relative_size: float = 0.5
-    # A class is flagged when a tiny square (at most 2% of the image) sends this fraction of the other classes'
-    # images to it.
+    # A class is flagged when a tiny white or black square (at most 2% of the image) sends this fraction of the other
+    # classes' images to it.
     patch_threshold: float = 0.9
+    # Or when the class's best square (any fill, the search's own pattern included) sends this much more of them to it
+    # than the median class's best square does: on some architectures a clean model's classes answer to the search's
+    # patterns (natural adversarial patches), many of them, so a synthesized square counts by how far it stands out.
+    patch_margin: float = 0.8
     # The flagged class is also unlearned with another family's triggers when its index there exceeds this.
     companion_threshold: float = 1.5
     # A class is flagged when uniform noise alone (strength 0.2) sends more than this fraction of the other classes'
@@ -174,6 +178,10 @@ class SanitizeConfig:
         if self.warp_steps is not None and (isinstance(self.warp_steps, bool) or not isinstance(self.warp_steps, int)
                                             or self.warp_steps < 0):
             raise BadInput(f"warp_steps must be a whole number of at least 0, or unset; got {self.warp_steps!r}")
+        for name in ("patch_threshold", "patch_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise BadInput(f"{name} must be a number >= 0 (0: always fires), got {value!r}")
         for name in ("warp_threshold", "warp_companion"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:

@@ -38,7 +38,8 @@ from gradprune_mlflow.errors import BadInput
 NAME = "gradprune"
 PREFIX = "gradprune/"
 CONFIG_KEYS = {"model_uri", "mean", "std", "input_shape", "eval_trigger", "synthesize", "synth_steps", "synth_restarts",
-               "anomaly_threshold", "relative_size", "patch_threshold", "noise_threshold", "warp_threshold",
+               "anomaly_threshold", "relative_size", "patch_threshold", "patch_margin",
+               "noise_threshold", "warp_threshold",
                "warp_steps", "search_precision", "flag_slope", "flag_threshold", "suspect_threshold", "seed", "device"}
 # Pixels un-normalised with mean/std must land in [0, 1]; this much float noise is tolerated.
 PIXEL_SLACK = 1e-3
@@ -59,6 +60,7 @@ class EvalConfig:
     anomaly_threshold: float = SanitizeConfig.anomaly_threshold
     relative_size: float = SanitizeConfig.relative_size
     patch_threshold: float = SanitizeConfig.patch_threshold
+    patch_margin: float = SanitizeConfig.patch_margin
     noise_threshold: float = SanitizeConfig.noise_threshold
     warp_threshold: float = SanitizeConfig.warp_threshold
     warp_steps: int | None = SanitizeConfig.warp_steps

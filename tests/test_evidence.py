@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gradprune_mlflow.config import SanitizeConfig
@@ -9,8 +11,8 @@ from gradprune_mlflow.defense.evidence import DETECTORS, Thresholds, class_score
 from gradprune_mlflow.errors import BadInput
 from scripts import benchmark_script
 
-T = Thresholds(patch_threshold=0.9, noise_threshold=0.5, warp_threshold=0.5, anomaly_threshold=2.0, relative_size=0.5,
-               flag_slope=4.0, flag_threshold=0.5, suspect_threshold=0.35)
+T = Thresholds(patch_threshold=0.9, patch_margin=0.9, noise_threshold=0.5, warp_threshold=0.5,
+               anomaly_threshold=2.0, relative_size=0.5, flag_slope=4.0, flag_threshold=0.5, suspect_threshold=0.35)
 
 
 def _evidence(patch=(0.1, 0.1, 0.1), noise=(0.0, 0.0, 0.0), index=(0.0, 0.0, 0.0), relative=(1.0, 1.0, 1.0)):
@@ -31,6 +33,22 @@ def test_strengths_put_each_detector_over_its_own_threshold():
     assert s["noise_probe"] == pytest.approx([0.0, 1.0, 0.5])
     # the blend anomaly needs both: the index over 2 and the strength under half the median's; the weaker counts
     assert s["blend_anomaly"] == pytest.approx([2.0, 0.5, 0.5])
+
+
+def test_a_square_counts_by_its_plain_response_or_by_how_far_it_stands_above_the_median_class():
+    t = replace(T, patch_margin=0.8)
+    none, ones = [0.0] * 5, [1.0] * 5
+    # a model whose classes answer to synthesized squares: the median class's best square sends half of the images
+    # class 0: a white square works on 90%; class 1: only the search's pattern works, on all of them
+    s = strengths([0.9, 1.0, 0.5, 0.5, 0.4], none, none, ones, t, plain=[0.9, 0.2, 0.1, 0.1, 0.1])["patch_probe"]
+    assert s == pytest.approx([1.0, 0.5 / 0.8, 0.1 / 0.9, 0.1 / 0.9, 0.1 / 0.9])
+    assert flag_score({"patch_probe": s}, t).best.target == 0
+    # where no other class answers, the same synthesized square stands out and fires on its own
+    s = strengths([1.0, 0.1, 0.1, 0.1, 0.0], none, none, ones, t, plain=[0.2, 0.1, 0.1, 0.1, 0.0])["patch_probe"]
+    assert s[0] == pytest.approx(0.9 / 0.8) and flag_score({"patch_probe": s}, t).verdict == "flagged"
+    # without the plain responses every square counts as plain (lines written before the probe kept them)
+    assert strengths([0.9, 1.0, 0.6], none[:3], none[:3], ones[:3], t)["patch_probe"] == pytest.approx(
+        [1.0, 1.0 / 0.9, 0.6 / 0.9])
 
 
 def test_one_detector_at_its_threshold_flags_as_it_did_alone():
@@ -119,3 +137,21 @@ def test_the_evidence_script_scores_saved_evidence_without_detecting_again(tmp_p
     assert s["clean_max"] < t.suspect_threshold <= s["clean_max"] + script.SUSPECT_STEP
     assert script.summary(rows, t)["clean_suspect"] == 0
     assert script.choose(rows, [4.0, 8.0], SanitizeConfig()).flag_slope in (4.0, 8.0)
+
+
+def test_the_evidence_script_compares_margins_for_the_patch_probe(tmp_path):
+    script = _script()
+    natural = _line("clean", None, patch=1.0, at=1)  # a clean model whose every class answers to the search's squares
+    natural["classes"]["patch_probe"] = [0.8, 1.0, 0.8]
+    natural["classes"]["patch_plain"] = [0.1, 0.2, 0.1]
+    stamp = _line("badnets", 0, patch=0.99)
+    stamp["classes"]["patch_plain"] = [0.99, 0.1, 0.1]
+    rows = [natural, stamp]
+    for margin, clean_flagged in ((0.1, 1), (0.8, 0)):
+        s = script.summary(rows, replace(T, patch_margin=margin))
+        assert (s["clean_flagged"], s["right_target"]) == (clean_flagged, 1)
+    source = tmp_path / "evidence.jsonl"
+    source.write_text("\n".join(map(__import__("json").dumps, rows)))
+    md = tmp_path / "flag-score.md"
+    assert script.main(["--score", str(source), "--margin", "0.1", "0.8", "--md", str(md)]) == 0
+    assert "| 3.0 | 0.1 |" in md.read_text() and "| 3.0 | 0.8 |" in md.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,9 +31,9 @@ def _sizes_family(name: str, sizes: list[float]) -> FamilyResult:
                         torch.zeros(1, K, 1, 4, 4))
 
 
-def _hit(target: int, response: float) -> PatchHit:
-    return PatchHit(target, response, MaskTrigger(target, torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)), "white",
-                    (0, 0, 3), best=response)
+def _hit(target: int, response: float, fill: str = "white") -> PatchHit:
+    return PatchHit(target, response, MaskTrigger(target, torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)), fill,
+                    (0, 0, 3), best=response, plain=response if fill != "synthesized" else 0.1)
 
 
 FLAT = [0.2, 0.21, 0.19, 0.2, 0.22, 0.18, 0.2, 0.21, 0.19, 0.2]
@@ -40,7 +41,7 @@ QUIET = [_hit(k, 0.3) for k in range(K)]
 
 
 # patch 0.9, noise 0.5, anomaly index 2, relative strength 0.5; slope 4, flagged at 0.5, suspect from 0.35
-THRESHOLDS = Thresholds(0.9, 0.5, 0.5, 2.0, 0.5, 4.0, 0.5, 0.35)
+THRESHOLDS = Thresholds(0.9, 0.9, 0.5, 0.5, 2.0, 0.5, 4.0, 0.5, 0.35)
 
 
 def _decide(patch, blend, hits=QUIET, noise=(0.01,) * K):
@@ -78,6 +79,23 @@ def test_the_strongest_class_is_flagged_and_its_lead_detector_says_how():
     assert report["flagged_by"] == "patch_probe" and report["probes"]["patch"][3]["best"] == 0.95
     assert [h["target"] for h in report["probes"]["patch"]] == list(range(K))
     assert report["score"]["contributions"]["patch_probe"]["strength"] == round(0.95 / 0.9, 4)
+
+
+def test_a_synthesized_square_counts_by_how_far_it_stands_above_the_other_classes():
+    """A square only the search's own pattern fills counts by its margin over the median class's best square (natural
+    adversarial patches answer for many classes of some clean models); a white one flags at patch_threshold."""
+    patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", FLAT)
+    margin = replace(THRESHOLDS, patch_margin=0.8)
+    quiet = [_hit(k, 0.05, "synthesized") for k in range(K)]
+    for fill, others, flagged, strength in (("white", QUIET, True, 0.95 / 0.9),
+                                            ("synthesized", QUIET, False, (0.95 - 0.3) / 0.8),
+                                            ("synthesized", quiet, True, (0.95 - 0.05) / 0.8)):
+        hits = others[:3] + [_hit(3, 0.95, fill)] + others[4:]
+        found, _ = decide(detect([patch, blend], 2.0), [patch, blend], hits, [0.01] * K, margin)
+        assert found.flagged is flagged and found.score["class"] == 3
+        assert found.score["contributions"]["patch_probe"]["strength"] == pytest.approx(strength, abs=1e-4)
+        evidence = next(e for e in found.probes["evidence"] if e["detector"] == "patch_probe")
+        assert (evidence["class"], evidence["fires"], evidence["margin"]) == (3, flagged, 0.8)
 
 
 def test_detectors_short_of_their_thresholds_add_up():
@@ -179,8 +197,10 @@ def test_the_patch_probe_finds_a_badnets_square_and_nothing_on_a_clean_model(bad
         print(f"{'badnets' if backdoored else 'clean'}: best class {best.target} {best.best:.3f} {best.fill}")
         # the square reported is the best one, or a plain one within PLAIN_MARGIN of it
         assert all(h.best - PLAIN_MARGIN <= h.response <= h.best for h in hits)
+        # the best white or black square is one of the squares tried, and a plain square kept is at least as good
+        assert all(h.plain <= h.best and (h.fill == "synthesized" or h.plain >= h.response) for h in hits)
         if backdoored:  # the white 3x3 in the corner is the real trigger
-            assert best.target == 0 and best.best >= 0.9 and best.fill == "white"
+            assert best.target == 0 and best.best >= 0.9 and best.fill == "white" and best.plain >= 0.9
             top, left, side = best.window
             assert side in (3, 4) and top + side == 28 and left + side == 28
         else:

@@ -282,7 +282,8 @@ def test_trigger_free_on_a_blend_model_flags_by_noise_and_unlearns_it(blend_cnn,
     # with the fixed-strength blend search one cached test model ended at 3.9%.
     # Fine-tuning on clean images alone leaves a Blend backdoor at 95% or more: benchmarks/RESULTS.md.)
     result = sanitize(blend_cnn, clean_set, None, eval_trigger=BlendTrigger(0, alpha=0.2), test_set=fashion_test,
-                      synth_steps=10, synth_restarts=1, patch_threshold=1.01, seed=3, device="cpu", finetune_epochs=5)
+                      synth_steps=10, synth_restarts=1, patch_threshold=1.01,
+                      patch_margin=1.01, seed=3, device="cpu", finetune_epochs=5)
     report, detection = result.report, result.report["detection"]
     print(f"blend model: noise response {detection['noise_response']}, ASR {report['before']['attack_success_rate']}"
           f" -> {report['after']['attack_success_rate']}")

@@ -13,6 +13,7 @@ threshold the model is *suspect*: no detector is sure, but the evidence is stron
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class Thresholds:
     """Where each detector alone fires, and the score's two thresholds (SanitizeConfig's fields of the same names)."""
 
     patch_threshold: float
+    patch_margin: float
     noise_threshold: float
     warp_threshold: float
     anomaly_threshold: float
@@ -43,23 +45,35 @@ class Thresholds:
     @classmethod
     def of(cls, cfg) -> Thresholds:
         """The thresholds of a SanitizeConfig or the evaluator's EvalConfig."""
-        return cls(cfg.patch_threshold, cfg.noise_threshold, cfg.warp_threshold, cfg.anomaly_threshold,
-                   cfg.relative_size, cfg.flag_slope, cfg.flag_threshold, cfg.suspect_threshold)
+        return cls(cfg.patch_threshold, cfg.patch_margin, cfg.noise_threshold, cfg.warp_threshold,
+                   cfg.anomaly_threshold, cfg.relative_size, cfg.flag_slope, cfg.flag_threshold, cfg.suspect_threshold)
 
 
 def strengths(patch: Sequence[float], noise: Sequence[float], blend_index: Sequence[float],
-              blend_relative: Sequence[float], t: Thresholds, warp: Sequence[float] | None = None
-              ) -> dict[str, list[float]]:
+              blend_relative: Sequence[float], t: Thresholds, warp: Sequence[float] | None = None,
+              plain: Sequence[float] | None = None) -> dict[str, list[float]]:
     """Per detector, per class: its evidence over its own threshold.
 
-    patch: the patch probe's best response; noise: the noise probe's response; warp: the warp probe's (None when it
+    patch: the patch probe's best response of any square; plain: its best of a white or black one. A class's patch
+    strength is the stronger of its plain response over `patch_threshold` and of how far its best response stands
+    above the median class's, over `patch_margin`: the search fills squares with patterns of its own making, and on
+    some architectures such a square (a natural adversarial patch) sends most images to many classes of a clean
+    model; a backdoor's target stands out from them, or answers to a plain stamp. With `plain` None (evidence from
+    before the probe kept it) every square counts as plain: its best response over `patch_threshold`.
+    noise: the noise probe's response; warp: the warp probe's (None when it
     did not run: the detector is then absent); blend: the class's anomaly index in the
     blend family *and* its blend strength relative to the median class's, which must both pass (an easy natural class
     can have a high index, never also a much weaker blend: probes.decide), so the weaker of the two counts.
     """
     blend = [min(_over(i, t.anomaly_threshold), _over(t.relative_size, r))
              for i, r in zip(blend_index, blend_relative, strict=True)]
-    out = {"patch_probe": [_over(p, t.patch_threshold) for p in patch],
+    if plain is None:
+        by_patch = [_over(p, t.patch_threshold) for p in patch]
+    else:
+        typical = statistics.median(patch)
+        by_patch = [max(_over(q, t.patch_threshold), _over(p - typical, t.patch_margin))
+                    for p, q in zip(patch, plain, strict=True)]
+    out = {"patch_probe": by_patch,
            "noise_probe": [_over(n, t.noise_threshold) for n in noise],
            "blend_anomaly": blend}
     if warp is not None:

@@ -51,11 +51,14 @@ class PatchHit:
     fill: str  # "synthesized", "white" or "black"
     window: tuple[int, int, int]  # top, left, side (pixels)
     best: float = 0.0  # the highest response of any square tried for the class (what flagging compares)
+    # the highest response of a white or black square: a backdoor's stamp can be plain, while the squares that a clean
+    # model answers to are synthesized patterns (natural adversarial patches)
+    plain: float = 0.0
 
     def to_report(self) -> dict:
         top, left, side = self.window
         return {"target": self.target, "response": round(self.response, 4), "best": round(self.best, 4),
-                "fill": self.fill, "window": {"top": top, "left": left, "side": side}}
+                "plain": round(self.plain, 4), "fill": self.fill, "window": {"top": top, "left": left, "side": side}}
 
 
 def densest_square(mask: torch.Tensor, side: int) -> tuple[int, int]:
@@ -108,6 +111,7 @@ def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = 
         close = [h for h in found if h.response >= top_rate - PLAIN_MARGIN]
         chosen = min(close, key=lambda h: (h.fill == "synthesized", h.window[2], -h.response))
         chosen.best = top_rate
+        chosen.plain = max(h.response for h in found if h.fill != "synthesized")
         hits.append(chosen)
     return hits
 
@@ -139,18 +143,23 @@ def relative_size(result: FamilyResult, k: int) -> float:
     return float(sizes[result.column(k)] / sizes.median().clamp_min(1e-12))
 
 
-def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], noise: list[float], blend: list[float],
-             relative: list[float] | None, t: Thresholds, warp: list[float] | None = None) -> list[dict]:
+def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], patch: list[float], noise: list[float],
+             blend: list[float], relative: list[float] | None, t: Thresholds, warp: list[float] | None = None
+             ) -> list[dict]:
     """Each detector's evidence for its strongest class: {"detector", "class", "score", "threshold", "fires"}.
+    The patch probe's is the class with the strongest square (`patch`: its strengths, plain and synthesized squares
+    each over their own threshold), scored with its best response and its best plain one ("plain").
     The blend anomaly's score is the class's blend strength over the median class's (`relative`, None without a blend
     family), for the class whose index and strength together are strongest (`blend`: the blend anomaly's strengths);
     each family's anomaly index is listed so that a reviewer sees how far its top class stood out, and never fires
     alone."""
     out = []
     if hits:
-        best = max(hits, key=lambda h: h.best)
+        i = max(range(len(hits)), key=lambda j: patch[hits[j].target])
+        best = hits[i]
         out.append({"detector": "patch_probe", "class": best.target, "score": round(best.best, 4),
-                    "threshold": t.patch_threshold, "fires": best.best >= t.patch_threshold})
+                    "plain": round(best.plain, 4), "threshold": t.patch_threshold,
+                    "margin": t.patch_margin, "fires": patch[best.target] >= 1.0})
     if noise:
         top = max(range(len(noise)), key=noise.__getitem__)
         out.append({"detector": "noise_probe", "class": top, "score": round(noise[top], 4),
@@ -188,6 +197,7 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
     num_classes = len(noise)
     best_by_class = {h.target: h for h in hits}
     patch = [best_by_class[k].best if k in best_by_class else 0.0 for k in range(num_classes)]
+    plain = [best_by_class[k].plain if k in best_by_class else 0.0 for k in range(num_classes)]
     blend_family = by_family.get("blend")
     if blend_family is not None:
         blend_index = [float(index["blend"][blend_family.column(k)]) for k in range(num_classes)]
@@ -195,10 +205,10 @@ def decide(detection: Detection, results: list[FamilyResult], hits: list[PatchHi
     else:
         blend_index, blend_relative = [0.0] * num_classes, [1.0] * num_classes
     warp_rates = [h.response for h in warp] if warp else None
-    by_detector = strengths(patch, noise, blend_index, blend_relative, t, warp_rates)
+    by_detector = strengths(patch, noise, blend_index, blend_relative, t, warp_rates, plain)
     score = flag_score(by_detector, t)
     probes = {"patch": [h.to_report() for h in hits], "noise": [round(r, 4) for r in noise],
-              "evidence": evidence(index, hits, noise, by_detector["blend_anomaly"],
+              "evidence": evidence(index, hits, by_detector["patch_probe"], noise, by_detector["blend_anomaly"],
                                    blend_relative if blend_family is not None else None, t, warp_rates)}
     if warp_rates is not None:
         probes["warp"] = [round(r, 4) for r in warp_rates]
