@@ -10,6 +10,10 @@ model with the configuration's rule (defense/evidence.py).
     python benchmarks/detection_evidence.py --preset zoo-cpu-quick --split test
     python benchmarks/detection_evidence.py --score benchmarks/results/detection-evidence-dev.jsonl \
         --slope 2 3 4 6 8 --calibrate --md benchmarks/results/flag-score-dev.md
+    python benchmarks/detection_evidence.py --rescan IN.jsonl --out OUT.jsonl
+
+`--rescan` adds the patch probe's plain scan to lines collected without it: the scan reads only the model and the
+trusted training split, none of the synthesis, so its squares join the lines' own as the probe now joins them.
 
 Resumable: models already in the output file are skipped.
 """
@@ -36,8 +40,9 @@ from gradprune_mlflow.benchmark.runner import measure, model_for
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.probes import find_backdoor, relative_size
+from gradprune_mlflow.defense.probes import find_backdoor, plain_scan, probe_sides, relative_size
 from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import anomaly_index
 from gradprune_mlflow.lab.attacks import AllToAllTrigger
 
@@ -97,6 +102,37 @@ def fill_asr(path: Path) -> None:
             clean = lab.trusted_set(row["per_class"], seed=row["seed"], image=preset.image)
             row["asr"] = _asr(row["attack"], model, trigger, clean, preset)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def rescan(src: Path, out: Path) -> None:
+    """Write `src`'s lines to `out` with the plain scan's squares joined to the patch probe's evidence (models from
+    the cache, trained where missing); lines already in `out` are kept."""
+    done = {(r["arch"], r["attack"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} \
+        if out.is_file() else set()
+    for row in map(json.loads, src.read_text().splitlines()):
+        if (row["arch"], row["attack"], row["seed"]) in done:
+            continue
+        start = time.perf_counter()
+        preset = PRESETS[row["preset"]].with_overrides(n_train=row["train_images"], epochs=row["train_epochs"])
+        model, _ = model_for(row["attack"], row["arch"], preset, row["seed"], HERE / "cache", torch.device("cpu"))
+        clean = lab.trusted_set(row["per_class"], seed=row["seed"], image=preset.image)
+        cfg = SanitizeConfig(seed=row["seed"], device="cpu")
+        train, _ = clean.split(cfg.val_fraction, cfg.seed)
+        net = Normalized(copy.deepcopy(model).float().cpu().eval(), clean.meta.mean, clean.meta.std)
+        net = search_copy(net, train.images[:8], cfg.search_precision)
+        k = clean.meta.num_classes
+        scan_start = time.perf_counter()
+        hits = plain_scan(net, train, probe_sides(train.images.shape), list(range(k)))
+        c = row["classes"]
+        for cls, hit in hits.items():
+            c["patch_plain"][cls] = max(c["patch_plain"][cls], round(hit.response, 4))
+            if hit.response > c["patch_probe"][cls]:
+                c["patch_probe"][cls], c["patch_fill"][cls] = round(hit.response, 4), hit.fill
+        row["scan_seconds"] = round(time.perf_counter() - scan_start, 1)
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{row['arch']} {row['attack']} s{row['seed']}: plain scan {row['scan_seconds']} s "
+              f"(model {round(scan_start - start, 1)} s)", flush=True)
 
 
 def collect(args) -> None:
@@ -271,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-images", type=int, help="measure the ASR on the first N test images (default: the preset's)")
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
+    p.add_argument("--rescan", metavar="JSONL", help="join the plain scan to this file's lines (written to --out)")
     p.add_argument("--fill-asr", metavar="JSONL", help="add the real trigger's success rate to lines without one")
     p.add_argument("--slope", type=float, nargs="+", help="with --score: flag_slope values to compare")
     p.add_argument("--margin", type=float, nargs="+", metavar="M",
@@ -282,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fill_asr:
         fill_asr(Path(args.fill_asr))
+        return 0
+    if args.rescan:
+        if not args.out:
+            p.error("--rescan needs --out")
+        rescan(Path(args.rescan), Path(args.out))
         return 0
     if args.score:
         rows = [json.loads(line) for line in Path(args.score).read_text().splitlines()]

@@ -41,11 +41,22 @@ def test_a_square_counts_by_its_plain_response_or_by_how_far_it_stands_above_the
     # a model whose classes answer to synthesized squares: the median class's best square sends half of the images
     # class 0: a white square works on 90%; class 1: only the search's pattern works, on all of them
     s = strengths([0.9, 1.0, 0.5, 0.5, 0.4], none, none, ones, t, plain=[0.9, 0.2, 0.1, 0.1, 0.1])["patch_probe"]
-    assert s == pytest.approx([1.0, 0.5 / 0.8, 0.1 / 0.9, 0.1 / 0.9, 0.1 / 0.9])
+    assert s == pytest.approx([1.0, 0.5 / 0.8, 0.0, 0.0, 0.0])
     assert flag_score({"patch_probe": s}, t).best.target == 0
     # where no other class answers, the same synthesized square stands out and fires on its own
     s = strengths([1.0, 0.1, 0.1, 0.1, 0.0], none, none, ones, t, plain=[0.2, 0.1, 0.1, 0.1, 0.0])["patch_probe"]
     assert s[0] == pytest.approx(0.9 / 0.8) and flag_score({"patch_probe": s}, t).verdict == "flagged"
+    # where no class answers to a plain square, its response over the threshold
+    s = strengths([0.9, 0.6, 0.6], none[:3], none[:3], ones[:3], t, plain=[0.9, 0.0, 0.0])["patch_probe"]
+    assert s == pytest.approx([1.0, 0.0, 0.0])
+    # where every class answers a little (the scan's best squares on some clean models), the part of the way from
+    # the median class's response to the threshold: 0.7 is not a backdoor's stamp, 1.0 is
+    plain = [0.7, 1.0, 0.4, 0.4, 0.3]
+    s = strengths(plain, none, none, ones, t, plain=plain)["patch_probe"]
+    assert s[:2] == pytest.approx([0.3 / 0.5, 0.6 / 0.5]) and flag_score({"patch_probe": s}, t).best.target == 1
+    # a median class at the threshold leaves the plain response no say; the margin still counts
+    s = strengths([0.95, 0.9, 0.9], none[:3], none[:3], ones[:3], t, plain=[0.95, 0.9, 0.9])["patch_probe"]
+    assert s == pytest.approx([0.05 / 0.8, 0.0, 0.0])
     # without the plain responses every square counts as plain (lines written before the probe kept them)
     assert strengths([0.9, 1.0, 0.6], none[:3], none[:3], ones[:3], t)["patch_probe"] == pytest.approx(
         [1.0, 1.0 / 0.9, 0.6 / 0.9])

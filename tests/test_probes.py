@@ -18,6 +18,8 @@ from gradprune_mlflow.defense.probes import (
     densest_square,
     noise_responses,
     patch_probe,
+    plain_scan,
+    scan_windows,
 )
 from gradprune_mlflow.defense.synthesis import FamilyResult, detect
 from gradprune_mlflow.defense.triggers import MaskTrigger
@@ -78,16 +80,18 @@ def test_the_strongest_class_is_flagged_and_its_lead_detector_says_how():
     report = found.to_report()
     assert report["flagged_by"] == "patch_probe" and report["probes"]["patch"][3]["best"] == 0.95
     assert [h["target"] for h in report["probes"]["patch"]] == list(range(K))
-    assert report["score"]["contributions"]["patch_probe"]["strength"] == round(0.95 / 0.9, 4)
+    # a white square: the way from the median class's plain response (0.3) to the threshold (0.9)
+    assert report["score"]["contributions"]["patch_probe"]["strength"] == round((0.95 - 0.3) / (0.9 - 0.3), 4)
 
 
 def test_a_synthesized_square_counts_by_how_far_it_stands_above_the_other_classes():
     """A square only the search's own pattern fills counts by its margin over the median class's best square (natural
-    adversarial patches answer for many classes of some clean models); a white one flags at patch_threshold."""
+    adversarial patches answer for many classes of some clean models); a white one by how far it rises from the
+    median class's plain response toward patch_threshold."""
     patch, blend = _sizes_family("patch", FLAT), _sizes_family("blend", FLAT)
     margin = replace(THRESHOLDS, patch_margin=0.8)
     quiet = [_hit(k, 0.05, "synthesized") for k in range(K)]
-    for fill, others, flagged, strength in (("white", QUIET, True, 0.95 / 0.9),
+    for fill, others, flagged, strength in (("white", QUIET, True, (0.95 - 0.3) / (0.9 - 0.3)),
                                             ("synthesized", QUIET, False, (0.95 - 0.3) / 0.8),
                                             ("synthesized", quiet, True, (0.95 - 0.05) / 0.8)):
         hits = others[:3] + [_hit(3, 0.95, fill)] + others[4:]
@@ -263,3 +267,29 @@ def test_a_class_the_warp_probe_leads_is_flagged_and_unlearned_with_its_warps():
     # without the warp probe the same evidence flags nothing, and the report has no warp entry
     quiet, _ = decide(detect([patch, blend], 2.0), [patch, blend], QUIET, [0.01] * K, THRESHOLDS)
     assert not quiet.flagged and "warp" not in quiet.to_report()["probes"]
+
+
+@pytest.mark.parametrize("size,side,stride", [(28, 4, 2), (32, 5, 2), (8, 2, 1), (28, 3, 2)])
+def test_the_plain_scan_s_squares_hold_every_small_stamp_and_reach_every_edge(size, side, stride):
+    windows = scan_windows((3, size, size), side, stride)
+    stamp = side - stride + 1
+    for top in range(size - stamp + 1):
+        for left in range(size - stamp + 1):
+            assert any(t <= top and top + stamp <= t + side and w <= left and left + stamp <= w + side
+                       for t, w in windows), (top, left)
+    assert {t for t, _ in windows} >= {0, size - side} and all(t + side <= size for t, _ in windows)
+
+
+def test_the_patch_probe_finds_a_plain_stamp_where_no_synthesized_mask_lies():
+    """A search can settle its masks on a natural feature far from the real stamp: the scan still finds the stamp."""
+    masks = torch.zeros(1, K, 1, 28, 28)
+    masks[..., 2:5, 2:5] = 0.8  # every class's mask top left; the backdoor answers bottom right
+    family = FamilyResult("patch", torch.full((1, K), 0.01), torch.ones(1, K, dtype=torch.bool), masks,
+                          torch.full((1, K, 1, 28, 28), 0.5))
+    data = Split(torch.rand(60, 1, 28, 28) * 0.5, torch.arange(60) % 9 + 1)
+    scanned = plain_scan(_CornerSquare(), data, (3, 4), list(range(K)))
+    top, left, side = scanned[0].window
+    assert scanned[0].response == 1.0 and scanned[0].fill == "white"
+    assert top <= 25 and left <= 25 and top + side == 28 and left + side == 28 and side in (3, 4)
+    hit = patch_probe(_CornerSquare(), data, family)[0]
+    assert (hit.best, hit.plain, hit.fill, hit.window) == (1.0, 1.0, "white", scanned[0].window)

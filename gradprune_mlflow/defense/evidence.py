@@ -55,11 +55,14 @@ def strengths(patch: Sequence[float], noise: Sequence[float], blend_index: Seque
     """Per detector, per class: its evidence over its own threshold.
 
     patch: the patch probe's best response of any square; plain: its best of a white or black one. A class's patch
-    strength is the stronger of its plain response over `patch_threshold` and of how far its best response stands
-    above the median class's, over `patch_margin`: the search fills squares with patterns of its own making, and on
-    some architectures such a square (a natural adversarial patch) sends most images to many classes of a clean
-    model; a backdoor's target stands out from them, or answers to a plain stamp. With `plain` None (evidence from
-    before the probe kept it) every square counts as plain: its best response over `patch_threshold`.
+    strength is the stronger of two. Its plain response counts by how far it rises from the median class's toward
+    `patch_threshold` (1 at the threshold; where the median class's is 0, the response over the threshold); the
+    plain scan tries hundreds of squares, and on some architectures the best of them sends most images of a clean
+    model to a class, at every class a little. Its best response counts by how far it stands above the median
+    class's, over `patch_margin`: the search fills squares with patterns of its own making, and such a square (a
+    natural adversarial patch) can send most images to many classes of a clean model; a backdoor's target stands out
+    from them, or answers to a plain stamp. With `plain` None (evidence from before the probe kept it) every square
+    counts as plain: its best response over `patch_threshold`.
     noise: the noise probe's response; warp: the warp probe's (None when it
     did not run: the detector is then absent); blend: the class's anomaly index in the
     blend family *and* its blend strength relative to the median class's, which must both pass (an easy natural class
@@ -70,8 +73,10 @@ def strengths(patch: Sequence[float], noise: Sequence[float], blend_index: Seque
     if plain is None:
         by_patch = [_over(p, t.patch_threshold) for p in patch]
     else:
-        typical = statistics.median(patch)
-        by_patch = [max(_over(q, t.patch_threshold), _over(p - typical, t.patch_margin))
+        typical, typical_plain = statistics.median(patch), statistics.median(plain)
+        headroom = t.patch_threshold - typical_plain
+        by_patch = [max(_over(q - typical_plain, headroom) if headroom > 0 else 0.0,
+                        _over(p - typical, t.patch_margin))
                     for p, q in zip(patch, plain, strict=True)]
     out = {"patch_probe": by_patch,
            "noise_probe": [_over(n, t.noise_threshold) for n in noise],

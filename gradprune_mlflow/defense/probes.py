@@ -34,6 +34,8 @@ PATCH_AREA = 0.02
 PROBE_IMAGES = 400
 # A plain (white or black) square this close to the best response is preferred to the synthesized fill.
 PLAIN_MARGIN = 0.02
+# Images a class (a class-balanced sample of the split) that every square of the plain scan is first tried on.
+SCAN_PER_CLASS = 5
 # Added to the seed for the warp probe's own generator: it draws none of the defense's random numbers.
 WARP_SEED = 7919
 # The strength at which the noise probe blends uniform noise in (and trigger-free mode searches a fixed-strength
@@ -50,7 +52,8 @@ class PatchHit:
     trigger: MaskTrigger
     fill: str  # "synthesized", "white" or "black"
     window: tuple[int, int, int]  # top, left, side (pixels)
-    best: float = 0.0  # the highest response of any square tried for the class (what flagging compares)
+    # the highest response of any square tried for the class: flagging compares its margin over the median class's
+    best: float = 0.0
     # the highest response of a white or black square: a backdoor's stamp can be plain, while the squares that a clean
     # model answers to are synthesized patterns (natural adversarial patches)
     plain: float = 0.0
@@ -76,26 +79,85 @@ def square(shape: tuple[int, int, int], top: int, left: int, side: int) -> torch
     return window
 
 
+def probe_sides(shape: tuple[int, ...], area: float = PATCH_AREA) -> tuple[int, int]:
+    """The patch probe's two square sides on images of `shape` (..., H, W): the largest within `area` of the image,
+    and one pixel less."""
+    side = max(2, round((area * shape[-2] * shape[-1]) ** 0.5))
+    return side - 1, side
+
+
+def scan_windows(shape: tuple[int, int, int], side: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of side x side squares over the whole image, `stride` apart and flush with every edge: any
+    stamp up to side - stride + 1 pixels wide lies wholly inside one of them."""
+    h, w = shape[-2:]
+
+    def starts(n: int) -> list[int]:
+        return sorted(set(range(0, n - side + 1, stride)) | {n - side})
+
+    return [(top, left) for top in starts(h) for left in starts(w)]
+
+
+@torch.no_grad()
+def plain_scan(net: nn.Module, data: Split, sides: tuple[int, ...], classes: list[int]) -> dict[int, PatchHit]:
+    """Per class of `classes`: the white or black square of one of `sides`, anywhere on the image (half the largest
+    side apart), that sends the most images of other classes there. Every square is tried once on a class-balanced
+    sample (SCAN_PER_CLASS a class), all classes read off the same predictions; each class's best square is then
+    measured as the probe measures any candidate.
+
+    A plain stamp need not lie where the synthesized masks are densest (a search can settle on a natural feature of
+    the target class elsewhere), and a white or black square stays evidence on models whose synthesized squares do
+    not (their natural adversarial patches: defense/evidence.py). Two sizes, because a backdoor can answer to its
+    stamp with at most a pixel of border around it and not to a square two pixels larger."""
+    shape = tuple(data.images.shape[1:])
+    device = next(net.parameters()).device
+    num_classes = max(classes) + 1
+    sample = torch.cat([(data.labels == c).nonzero().flatten()[:SCAN_PER_CLASS] for c in range(num_classes)])
+    images, labels = data.images[sample], data.labels[sample]
+    stride = max(1, max(sides) // 2)
+    candidates = [(fill, top, left, side) for side in sides for top, left in scan_windows(shape, side, stride)
+                  for fill in (1.0, 0.0)]
+    per_pass = max(1, batch_for(device) // max(len(images), 1))
+    counts = []
+    for group in range(0, len(candidates), per_pass):
+        stamped = images.repeat(len(candidates[group : group + per_pass]), 1, 1, 1)
+        for j, (fill, top, left, side) in enumerate(candidates[group : group + per_pass]):
+            stamped[j * len(images) : (j + 1) * len(images), :, top : top + side, left : left + side] = fill
+        preds = net(stamped.to(device)).argmax(1).cpu().reshape(-1, len(images))
+        for row in preds:  # images sent to a class other than their own, by the class they were sent to
+            counts.append(torch.bincount(row[row != labels], minlength=num_classes)[:num_classes].float())
+    others = torch.tensor([float((labels != k).sum()) for k in range(num_classes)]).clamp_min(1.0)
+    best = (torch.stack(counts) / others).argmax(0)
+    hits = {}
+    for k in classes:
+        fill, top, left, side = candidates[int(best[k])]
+        trigger = MaskTrigger(k, square(shape, top, left, side), torch.full(shape, fill),
+                              source=f"probe-{'white' if fill else 'black'}")
+        others_k = data.images[data.labels != k][:PROBE_IMAGES]
+        hits[k] = PatchHit(k, target_rate(net, trigger.apply(others_k), k), trigger, "white" if fill else "black",
+                           (top, left, side))
+    return hits
+
+
 @torch.no_grad()
 def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = PATCH_AREA) -> list[PatchHit]:
     """For every class of the patch family's search: the best tiny square (at most `area` of the image), placed
-    where each synthesized mask is densest and filled with the synthesized pattern, white or black, measured on
-    images of the other classes.
+    where each synthesized mask is densest and filled with the synthesized pattern, white or black, or white or black
+    anywhere on the image (plain_scan), measured on images of the other classes.
 
     Real patch triggers are compact and often plain (BadNets: a white square), while a synthesized mask scatters a
-    few pixels around them. The probe finds the trigger only where synthesis put its mask on it, including on models
-    the anomaly index misses or puts on the wrong class; classes that are not a target stay well below the threshold
+    few pixels around them; classes that are not a target stay well below the threshold
     (benchmarks/results/probe-detection.md).
     """
     shape = tuple(data.images.shape[1:])
-    top_side = max(2, round((area * shape[1] * shape[2]) ** 0.5))
+    sides = probe_sides(shape, area)
     classes = patch.classes if patch.classes is not None else list(range(patch.sizes.shape[1]))
+    scanned = plain_scan(net, data, sides, classes)
     hits = []
     for k in classes:
         others = data.images[data.labels != k][:PROBE_IMAGES]
-        found = []
+        found = [scanned[k]]
         for trig in patch.triggers(k):
-            for side in (top_side - 1, top_side):
+            for side in sides:
                 top, left = densest_square(trig.mask, side)
                 window = square(shape, top, left, side)
                 fills = (("white", torch.ones(shape)), ("black", torch.zeros(shape)), ("synthesized", trig.pattern))
@@ -110,8 +172,7 @@ def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = 
         top_rate = max(h.response for h in found)
         close = [h for h in found if h.response >= top_rate - PLAIN_MARGIN]
         chosen = min(close, key=lambda h: (h.fill == "synthesized", h.window[2], -h.response))
-        chosen.best = top_rate
-        chosen.plain = max(h.response for h in found if h.fill != "synthesized")
+        chosen = replace(chosen, best=top_rate, plain=max(h.response for h in found if h.fill != "synthesized"))
         hits.append(chosen)
     return hits
 
@@ -147,16 +208,16 @@ def evidence(index: dict[str, torch.Tensor], hits: list[PatchHit], patch: list[f
              blend: list[float], relative: list[float] | None, t: Thresholds, warp: list[float] | None = None
              ) -> list[dict]:
     """Each detector's evidence for its strongest class: {"detector", "class", "score", "threshold", "fires"}.
-    The patch probe's is the class with the strongest square (`patch`: its strengths, plain and synthesized squares
-    each over their own threshold), scored with its best response and its best plain one ("plain").
+    The patch probe's is the class with the strongest square (`patch`: its strengths, the best plain square over
+    `patch_threshold` or the best square's margin over the median class's over `patch_margin`), scored with its best
+    response and its best plain one ("plain").
     The blend anomaly's score is the class's blend strength over the median class's (`relative`, None without a blend
     family), for the class whose index and strength together are strongest (`blend`: the blend anomaly's strengths);
     each family's anomaly index is listed so that a reviewer sees how far its top class stood out, and never fires
     alone."""
     out = []
     if hits:
-        i = max(range(len(hits)), key=lambda j: patch[hits[j].target])
-        best = hits[i]
+        best = max(hits, key=lambda h: patch[h.target])
         out.append({"detector": "patch_probe", "class": best.target, "score": round(best.best, 4),
                     "plain": round(best.plain, 4), "threshold": t.patch_threshold,
                     "margin": t.patch_margin, "fires": patch[best.target] >= 1.0})
