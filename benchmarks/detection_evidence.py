@@ -40,7 +40,8 @@ from gradprune_mlflow.benchmark.runner import measure, model_for
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.probes import find_backdoor, plain_scan, probe_sides, relative_size
+from gradprune_mlflow.defense.patch_probe import plain_scan, probe_sides
+from gradprune_mlflow.defense.probes import find_backdoor, relative_size
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import anomaly_index

@@ -30,7 +30,7 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.metrics import batch_for
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.probes import PATCH_AREA
+from gradprune_mlflow.defense.patch_probe import PATCH_AREA
 
 HERE = Path(__file__).parent
 IMAGES = 100  # trusted images the squares are tried on (the first ones of the split that the model gets right)

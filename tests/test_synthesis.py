@@ -9,7 +9,7 @@ import torch
 
 from gradprune_mlflow.defense import synthesis
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.probes import patch_probe
+from gradprune_mlflow.defense.patch_probe import patch_probe
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.synthesis import FamilyResult, anomaly_index, detect, fixed_strength_blend, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger
@@ -115,7 +115,8 @@ def test_rows_searched_in_several_passes_give_what_one_pass_gives(net, clean_set
     whole = run()
     assert torch.equal(chunked.worked, whole.worked)
     for a, b in ((chunked.sizes, whole.sizes), (chunked.masks, whole.masks), (chunked.patterns, whole.patterns)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # float rounding differs with the batch size: a few 1e-6 apart on some trained weights
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # Regression (fixed library bug, gradprune_mlflow/defense/synthesis.py, synthesize, lines 113-130): the success

@@ -8,7 +8,7 @@ from torch import nn
 
 from gradprune_mlflow.config import SanitizeConfig, warp_steps
 from gradprune_mlflow.data.cleanset import Split
-from gradprune_mlflow.defense.probes import PatchHit
+from gradprune_mlflow.defense.patch_probe import PatchHit
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.triggerfree import companion_warp
 from gradprune_mlflow.defense.triggers import MaskTrigger

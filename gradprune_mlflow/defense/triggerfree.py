@@ -16,7 +16,8 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
-from gradprune_mlflow.defense.probes import NOISE_ALPHA, PatchHit, Search, densest_square, find_backdoor, square
+from gradprune_mlflow.defense.patch_probe import PatchHit, densest_square, square
+from gradprune_mlflow.defense.probes import NOISE_ALPHA, Search, find_backdoor
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.searchnet import search_copy
 from gradprune_mlflow.defense.synthesis import (
