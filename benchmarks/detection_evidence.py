@@ -129,7 +129,9 @@ def rescan(src: Path, out: Path) -> None:
             c["patch_plain"][cls] = max(c["patch_plain"][cls], round(hit.response, 4))
             if hit.response > c["patch_probe"][cls]:
                 c["patch_probe"][cls], c["patch_fill"][cls] = round(hit.response, 4), hit.fill
-        row["scan_seconds"] = round(time.perf_counter() - scan_start, 1)
+        # the decision recorded at collection was made without the scan: only the score says what it is now
+        row.update(flagged=None, flagged_target=None, flagged_by=None,
+                   scan_seconds=round(time.perf_counter() - scan_start, 1))
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{row['arch']} {row['attack']} s{row['seed']}: plain scan {row['scan_seconds']} s "
@@ -193,6 +195,8 @@ def summary(rows: list[dict], t: Thresholds) -> dict:
 
 
 def _first_rule(row: dict) -> str:
+    if row["flagged"] is None:
+        return "(rescanned: none)"
     return f"class {row['flagged_target']} by {row['flagged_by']}" if row["flagged"] else "not flagged"
 
 

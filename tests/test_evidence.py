@@ -166,3 +166,24 @@ def test_the_evidence_script_compares_margins_for_the_patch_probe(tmp_path):
     md = tmp_path / "flag-score.md"
     assert script.main(["--score", str(source), "--margin", "0.1", "0.8", "--md", str(md)]) == 0
     assert "| 3.0 | 0.1 |" in md.read_text() and "| 3.0 | 0.8 |" in md.read_text()
+
+
+def test_the_evidence_script_joins_the_plain_scan_to_lines_collected_without_it(tmp_path, monkeypatch, badnets_cnn,
+                                                                                clean_set):
+    """--rescan: the scan's white corner square on a BadNets model raises its target's plain response; the decision
+    recorded without the scan is dropped, and lines already rescanned are kept."""
+    script = _script()
+    monkeypatch.setattr(script, "model_for", lambda *a, **k: (badnets_cnn, None))
+    monkeypatch.setattr(script.lab, "trusted_set", lambda *a, **k: clean_set)
+    line = _line("badnets", 0, k=10)
+    line.update(preset="zoo-cpu-quick", train_images=6000, train_epochs=2, flagged=True, flagged_by="patch_probe")
+    line["classes"].update(patch_plain=[0.0] * 10, patch_fill=["synthesized"] * 10)
+    source, out = tmp_path / "evidence.jsonl", tmp_path / "rescanned.jsonl"
+    source.write_text(__import__("json").dumps(line) + "\n")
+    script.main(["--rescan", str(source), "--out", str(out)])
+    row = __import__("json").loads(out.read_text())
+    assert row["classes"]["patch_plain"][0] >= 0.9 and row["classes"]["patch_probe"][0] >= 0.9
+    assert row["classes"]["patch_fill"][0] in ("white", "black") and row["flagged"] is None and row["scan_seconds"] > 0
+    assert script.scored(row, T).best.target == 0
+    script.main(["--rescan", str(source), "--out", str(out)])
+    assert len(out.read_text().splitlines()) == 1
