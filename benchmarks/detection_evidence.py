@@ -13,7 +13,8 @@ model with the configuration's rule (defense/evidence.py).
     python benchmarks/detection_evidence.py --rescan IN.jsonl --out OUT.jsonl
 
 `--rescan` adds the patch probe's plain scan to lines collected without it: the scan reads only the model and the
-trusted training split, none of the synthesis, so its squares join the lines' own as the probe now joins them.
+trusted training split, none of the synthesis, so on the model a line was collected on its squares join the line's
+own as the probe now joins them.
 
 Resumable: models already in the output file are skipped.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import subprocess
@@ -105,9 +107,21 @@ def fill_asr(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def model_digest(model) -> str:
+    """A short hash of the model's weights: which model a line's evidence was collected on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def rescan(src: Path, out: Path) -> None:
     """Write `src`'s lines to `out` with the plain scan's squares joined to the patch probe's evidence (models from
-    the cache, trained where missing); lines already in `out` are kept."""
+    the cache, trained where missing); lines already in `out` are kept. The join is exact only on the model the
+    line was collected on: a line whose recorded `model` differs from the cache's is skipped, and a line without one
+    (collected before lines recorded it) is joined with `same_model` null, since CPU training is not bit-identical
+    across machines and thread counts."""
     done = {(r["arch"], r["attack"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())} \
         if out.is_file() else set()
     for row in map(json.loads, src.read_text().splitlines()):
@@ -116,6 +130,13 @@ def rescan(src: Path, out: Path) -> None:
         start = time.perf_counter()
         preset = PRESETS[row["preset"]].with_overrides(n_train=row["train_images"], epochs=row["train_epochs"])
         model, _ = model_for(row["attack"], row["arch"], preset, row["seed"], HERE / "cache", torch.device("cpu"))
+        digest = model_digest(model)
+        if row.get("model", digest) != digest:
+            print(f"{row['arch']} {row['attack']} s{row['seed']}: skipped, the cached model is not the one the line "
+                  "was collected on", flush=True)
+            continue
+        row["same_model"] = True if "model" in row else None
+        row["model"] = digest
         clean = lab.trusted_set(row["per_class"], seed=row["seed"], image=preset.image)
         cfg = SanitizeConfig(seed=row["seed"], device="cpu")
         train, _ = clean.split(cfg.val_fraction, cfg.seed)
@@ -158,6 +179,7 @@ def collect(args) -> None:
                 model, trigger = model_for(attack, arch, preset, seed, cache, torch.device("cpu"))
                 clean = lab.trusted_set(n, seed=seed, image=preset.image)
                 row = {"preset": preset.name, "split": args.split, "arch": arch, "attack": attack, "seed": seed,
+                       "model": model_digest(model),
                        "per_class": n, "train_images": preset.n_train, "train_epochs": preset.epochs,
                        "target": _target(attack, trigger),
                        "asr": _asr(attack, model, trigger, clean, preset),

@@ -185,5 +185,11 @@ def test_the_evidence_script_joins_the_plain_scan_to_lines_collected_without_it(
     assert row["classes"]["patch_plain"][0] >= 0.9 and row["classes"]["patch_probe"][0] >= 0.9
     assert row["classes"]["patch_fill"][0] in ("white", "black") and row["flagged"] is None and row["scan_seconds"] > 0
     assert script.scored(row, T).best.target == 0
+    assert row["model"] == script.model_digest(badnets_cnn) and row["same_model"] is None  # the line had no digest
     script.main(["--rescan", str(source), "--out", str(out)])
     assert len(out.read_text().splitlines()) == 1
+    # a line collected on another model is not joined with this one's scan
+    line["model"], again = "0" * 16, tmp_path / "again.jsonl"
+    source.write_text(__import__("json").dumps(line) + "\n")
+    script.main(["--rescan", str(source), "--out", str(again)])
+    assert not again.exists()
