@@ -190,7 +190,10 @@ def test_every_format_sanitizes_to_the_same_weights_as_the_eager_model(tmp_path)
     for loaded in (load_model(pt2_folder(tmp_path / "pt2", model)), load_model(script_file(tmp_path / "s.pt", model))):
         result = sanitize(loaded, clean, trigger, **QUICK)
         assert result.report["model_format"] == loaded.model_format
-        assert result.history == eager.history
+        # the same filters pruned in the same order; a graph's gradients may differ from the eager ones in the last bits
+        pruned = [(h["layer"], h["filter"], h["step"]) for h in result.history]
+        assert pruned == [(h["layer"], h["filter"], h["step"]) for h in eager.history]
+        assert [h["score"] for h in result.history] == pytest.approx([h["score"] for h in eager.history], rel=1e-5)
         want = eager.model.state_dict()
         for key, value in result.model.inner.state_dict().items():
             torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=key)
