@@ -42,7 +42,7 @@ from gradprune_mlflow.benchmark.runner import measure, model_for
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.patch_probe import plain_scan, probe_sides
+from gradprune_mlflow.defense.patch_probe import other_images, plain_scan, probe_sides
 from gradprune_mlflow.defense.probes import find_backdoor, relative_size
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.searchnet import search_copy
@@ -144,7 +144,7 @@ def rescan(src: Path, out: Path) -> None:
         net = search_copy(net, train.images[:8], cfg.search_precision)
         k = clean.meta.num_classes
         scan_start = time.perf_counter()
-        hits = plain_scan(net, train, probe_sides(train.images.shape), list(range(k)))
+        hits = plain_scan(net, train, probe_sides(train.images.shape), other_images(train, list(range(k))))
         c = row["classes"]
         for cls, hit in hits.items():
             c["patch_plain"][cls] = max(c["patch_plain"][cls], round(hit.response, 4))

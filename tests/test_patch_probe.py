@@ -9,7 +9,14 @@ import torch
 
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.patch_probe import PLAIN_MARGIN, densest_square, patch_probe, plain_scan, scan_windows
+from gradprune_mlflow.defense.patch_probe import (
+    PLAIN_MARGIN,
+    densest_square,
+    other_images,
+    patch_probe,
+    plain_scan,
+    scan_windows,
+)
 from gradprune_mlflow.defense.synthesis import FamilyResult
 
 K = 10
@@ -102,7 +109,7 @@ def test_the_patch_probe_finds_a_plain_stamp_where_no_synthesized_mask_lies():
     family = FamilyResult("patch", torch.full((1, K), 0.01), torch.ones(1, K, dtype=torch.bool), masks,
                           torch.full((1, K, 1, 28, 28), 0.5))
     data = Split(torch.rand(60, 1, 28, 28) * 0.5, torch.arange(60) % 9 + 1)
-    scanned = plain_scan(_CornerSquare(), data, (3, 4), list(range(K)))
+    scanned = plain_scan(_CornerSquare(), data, (3, 4), other_images(data, list(range(K))))
     top, left, side = scanned[0].window
     assert scanned[0].response == 1.0 and scanned[0].fill == "white"
     assert top <= 25 and left <= 25 and top + side == 28 and left + side == 28 and side in (3, 4)

@@ -24,6 +24,8 @@ PROBE_IMAGES = 400
 PLAIN_MARGIN = 0.02
 # Images a class (a class-balanced sample of the split) that every square of the plain scan is first tried on.
 SCAN_PER_CLASS = 5
+# The plain scan's fills: pixel values on [0, 1] images.
+PLAIN_FILLS = (("white", 1.0), ("black", 0.0))
 
 
 @dataclass
@@ -80,12 +82,18 @@ def scan_windows(shape: tuple[int, int, int], side: int, stride: int) -> list[tu
     return [(top, left) for top in starts(h) for left in starts(w)]
 
 
+def other_images(data: Split, classes: list[int]) -> dict[int, torch.Tensor]:
+    """Per class: the first PROBE_IMAGES images of the other classes in `data`, that its candidates are measured on."""
+    return {k: data.images[data.labels != k][:PROBE_IMAGES] for k in classes}
+
+
 @torch.no_grad()
-def plain_scan(net: nn.Module, data: Split, sides: tuple[int, ...], classes: list[int]) -> dict[int, PatchHit]:
-    """Per class of `classes`: the white or black square of one of `sides`, anywhere on the image (half the largest
-    side apart), that sends the most images of other classes there. Every square is tried once on a class-balanced
-    sample (SCAN_PER_CLASS a class), all classes read off the same predictions; each class's best square is then
-    measured as the probe measures any candidate.
+def plain_scan(net: nn.Module, data: Split, sides: tuple[int, ...], others_of: dict[int, torch.Tensor]
+               ) -> dict[int, PatchHit]:
+    """Per class of `others_of` (other_images): the white or black square of one of `sides`, anywhere on the image
+    (half the largest side apart), that sends the most images of other classes there. Every square is tried once on
+    a class-balanced sample (SCAN_PER_CLASS a class), all classes read off the same predictions; each class's best
+    square is then measured on its `others_of` images, as the probe measures any candidate.
 
     A plain stamp need not lie where the synthesized masks are densest (a search can settle on a natural feature of
     the target class elsewhere), and a white or black square stays evidence on models whose synthesized squares do
@@ -93,31 +101,28 @@ def plain_scan(net: nn.Module, data: Split, sides: tuple[int, ...], classes: lis
     stamp with at most a pixel of border around it and not to a square two pixels larger."""
     shape = tuple(data.images.shape[1:])
     device = next(net.parameters()).device
-    num_classes = max(classes) + 1
+    num_classes = max(others_of) + 1
     sample = torch.cat([(data.labels == c).nonzero().flatten()[:SCAN_PER_CLASS] for c in range(num_classes)])
     images, labels = data.images[sample], data.labels[sample]
     stride = max(1, max(sides) // 2)
-    candidates = [(fill, top, left, side) for side in sides for top, left in scan_windows(shape, side, stride)
-                  for fill in (1.0, 0.0)]
+    candidates = [(fill, value, top, left, side) for side in sides for top, left in scan_windows(shape, side, stride)
+                  for fill, value in PLAIN_FILLS]
     per_pass = max(1, batch_for(device) // max(len(images), 1))
     counts = []
     for group in range(0, len(candidates), per_pass):
         stamped = images.repeat(len(candidates[group : group + per_pass]), 1, 1, 1)
-        for j, (fill, top, left, side) in enumerate(candidates[group : group + per_pass]):
-            stamped[j * len(images) : (j + 1) * len(images), :, top : top + side, left : left + side] = fill
+        for j, (_, value, top, left, side) in enumerate(candidates[group : group + per_pass]):
+            stamped[j * len(images) : (j + 1) * len(images), :, top : top + side, left : left + side] = value
         preds = net(stamped.to(device)).argmax(1).cpu().reshape(-1, len(images))
         for row in preds:  # images sent to a class other than their own, by the class they were sent to
             counts.append(torch.bincount(row[row != labels], minlength=num_classes)[:num_classes].float())
     others = torch.tensor([float((labels != k).sum()) for k in range(num_classes)]).clamp_min(1.0)
     best = (torch.stack(counts) / others).argmax(0)
     hits = {}
-    for k in classes:
-        fill, top, left, side = candidates[int(best[k])]
-        trigger = MaskTrigger(k, square(shape, top, left, side), torch.full(shape, fill),
-                              source=f"probe-{'white' if fill else 'black'}")
-        others_k = data.images[data.labels != k][:PROBE_IMAGES]
-        hits[k] = PatchHit(k, target_rate(net, trigger.apply(others_k), k), trigger, "white" if fill else "black",
-                           (top, left, side))
+    for k, images_k in others_of.items():
+        fill, value, top, left, side = candidates[int(best[k])]
+        trigger = MaskTrigger(k, square(shape, top, left, side), torch.full(shape, value), source=f"probe-{fill}")
+        hits[k] = PatchHit(k, target_rate(net, trigger.apply(images_k), k), trigger, fill, (top, left, side))
     return hits
 
 
@@ -134,10 +139,10 @@ def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = 
     shape = tuple(data.images.shape[1:])
     sides = probe_sides(shape, area)
     classes = patch.classes if patch.classes is not None else list(range(patch.sizes.shape[1]))
-    scanned = plain_scan(net, data, sides, classes)
+    others_of = other_images(data, classes)
+    scanned = plain_scan(net, data, sides, others_of)
     hits = []
-    for k in classes:
-        others = data.images[data.labels != k][:PROBE_IMAGES]
+    for k, others in others_of.items():
         found = [scanned[k]]
         for trig in patch.triggers(k):
             for side in sides:
