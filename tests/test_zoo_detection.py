@@ -79,7 +79,20 @@ def test_grad_prune_is_scored_by_its_flag_score_and_suspect_models_are_counted_a
     assert got["auroc"] == 1.0 and got["suspect"] == (1, 1) and got["right_target"] == (1, 2)
     md = detection.markdown(rows, None)
     assert "| grad-prune-detect | 20 | 2 / 2 | 1.000 | 0/2 (0%) | 1/2 (50%) | 1 / 1 | 1/2 (50%) | n/a |" in md
-    assert "| grad-prune-detect | small_cnn | wanet | 0 | 20 | 0.420 | suspect | 0 | 0 |" in md
+    assert ("| grad-prune-detect | small_cnn | wanet | 0 | 20 | 0.420 | suspect | 0 | 0 | 50.0 -> 50.0 | 90.0 -> 90.0 "
+            "|  |") in md
+
+
+def test_every_model_s_row_shows_what_sanitizing_did_and_the_verification():
+    rows = [{**_row("badnets", 0.5, True, 0, defense="grad-prune-detect", flag_score=0.7, verdict="flagged",
+                    verification="failed"), "asr_before": "0.957", "asr": "0.022", "acc_before": "0.794",
+             "clean_acc": "0.7935"},
+            {**_row("clean", 0.5, False, 6, defense="grad-prune-detect", seed=1, flag_score=0.3, verdict="clean"),
+             "asr_before": "0.01", "asr": "0.01"}]
+    md = detection.markdown(rows, None)
+    assert "| 0.700 | True | 0 | 0 | 95.7 -> 2.2 | 79.4 -> 79.3 | failed |" in md
+    # a clean model's ASR (measured with some attack's trigger) is no attack's: left blank, as in the tables
+    assert "| 0.300 | False | 6 |  |  | 90.0 -> 90.0 |  |" in md
 
 
 def test_clean_models_alone_get_no_roc_and_no_link_to_one(tmp_path):

@@ -38,6 +38,9 @@ class Case:
     detected: int | None  # the class flagged (or the top-scoring one)
     target: int | str | None  # the attack's target class, ALL_TO_ALL, or None for a clean model
     suspect: bool = False  # not flagged, but the score is in the suspect band
+    asr: tuple[float | None, float | None] = (None, None)  # the real trigger's, before and after
+    accuracy: tuple[float | None, float | None] = (None, None)  # clean accuracy before and after
+    verification: str | None = None  # the verification's verdict, where one ran
 
     @property
     def positive(self) -> bool:
@@ -74,7 +77,8 @@ def cases(rows: list[dict[str, str]], defense: str, target=attack_target) -> lis
         out.append(Case(r["arch"], r["attack"], str(r["seed"]), int(r["per_class"]),
                         _float(info.get(SCORES.get(defense, "anomaly_index"))), str(r["flagged"]) == "True",
                         int(detected) if isinstance(detected, int | float) else None, target(r["attack"]),
-                        info.get("verdict") == "suspect"))
+                        info.get("verdict") == "suspect", (_float(r.get("asr_before")), _float(r.get("asr"))),
+                        (_float(r.get("acc_before")), _float(r.get("clean_acc"))), info.get("verification")))
     return out
 
 
@@ -130,6 +134,12 @@ def rates(group: list[Case]) -> dict:
     }
 
 
+def _change(pair: tuple[float | None, float | None]) -> str:
+    """"95.7 -> 2.2" in percent, "" where either side is missing."""
+    before, after = pair
+    return "" if before is None or after is None else f"{100 * before:.1f} -> {100 * after:.1f}"
+
+
 def _frac(pair: tuple[int, int]) -> str:
     k, n = pair
     return f"{k}/{n} ({100 * k / n:.0f}%)" if n else "n/a"
@@ -155,7 +165,8 @@ def markdown(rows: list[dict[str, str]], roc_name: str | None) -> str:
             listing.append(f"| {d} | {c.arch} | {c.attack} | {c.seed} | {c.per_class} | "
                            f"{'n/a' if c.score is None else f'{c.score:.3f}'} | "
                            f"{'suspect' if c.suspect else c.flagged} | "
-                           f"{'' if c.detected is None else c.detected} | {'' if c.target is None else c.target} |")
+                           f"{'' if c.detected is None else c.detected} | {'' if c.target is None else c.target} | "
+                           f"{_change(c.asr) if c.positive else ''} | {_change(c.accuracy)} | {c.verification or ''} |")
         for n, group in sorted(by_budget.items()):
             s = rates(group)
             area = "n/a" if s["auroc"] is None else f"{s['auroc']:.3f}"
@@ -163,8 +174,9 @@ def markdown(rows: list[dict[str, str]], roc_name: str | None) -> str:
                          f"{_frac(s['detected'])} | {s['suspect'][0]} / {s['suspect'][1]} | "
                          f"{_frac(s['right_target'])} | {_frac(s['all_to_all_flagged'])} |")
     lines += ["", "<details><summary>Every model's score</summary>", "",
-              "| defense | model | attack | seed | per class | score | flagged | flagged class | target |",
-              "|---|---|---|---|---|---|---|---|---|", *listing, "", "</details>"]
+              "| defense | model | attack | seed | per class | score | flagged | flagged class | target | ASR % | "
+              "accuracy % | verification |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|", *listing, "", "</details>"]
     return "\n".join(lines)
 
 
