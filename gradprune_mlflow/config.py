@@ -82,8 +82,8 @@ class SanitizeConfig:
     synth_steps: int = 200
     synth_restarts: int = 2
     # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", "bf16" (faster
-    # where the hardware computes bfloat16 natively; defense/searchnet.py) or "auto": bf16 on a GPU that supports it,
-    # fp32 on a CPU (set bf16 there on one with AVX512-BF16 or AMX). Measuring stays float32.
+    # on a GPU; on a CPU only for some architectures: time yours with benchmarks/search_step.py) or "auto": bf16 on a
+    # GPU that supports it, fp32 on a CPU. Measuring stays float32.
     search_precision: str = "auto"
     # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).

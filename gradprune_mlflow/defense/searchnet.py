@@ -8,8 +8,9 @@ that cannot be rearranged (TorchScript, code that torch.fx cannot trace), or one
 constants rather than parameters (the pt2 adapter) falls back to a plain frozen copy.
 
 With precision "bf16" the copy then holds its weights in bfloat16 and casts each input down and its logits back up:
-on a CPU with native bfloat16 (AVX512-BF16 or AMX) and on a GPU a search step costs a fraction of a float32 one, and
-a trigger search needs the direction of a gradient, not its last digits. Measuring (accuracy, ASR) never uses it.
+a GPU computes bfloat16 natively (on a CPU whether it pays depends on the architecture too:
+benchmarks/search_step.py), and a trigger search needs the direction of a gradient, not its last digits. Measuring
+(accuracy, ASR) never uses it.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class _Bfloat16(nn.Module):
 
 
 def resolved_precision(precision: str, device: torch.device) -> str:
-    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it and fp32 elsewhere (a CPU
-    without native bfloat16 emulates it and may gain nothing; whether one has it is the user's call)."""
+    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it and fp32 elsewhere (on a CPU
+    bfloat16 pays for some architectures and costs for others, even with native support: the user's call)."""
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
