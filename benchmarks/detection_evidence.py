@@ -37,7 +37,7 @@ import torch
 
 from gradprune_mlflow import lab
 from gradprune_mlflow.benchmark.detection import auroc
-from gradprune_mlflow.benchmark.presets import CLEAN, PRESETS
+from gradprune_mlflow.benchmark.presets import CLEAN, PRESETS, parse_options
 from gradprune_mlflow.benchmark.runner import measure, model_for
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
@@ -52,15 +52,18 @@ from gradprune_mlflow.lab.attacks import AllToAllTrigger
 HERE = Path(__file__).resolve().parent
 
 
-def class_evidence(model, clean, seed: int) -> dict:
-    """Per-class raw evidence of one model, detected as `sanitize` detects with the default configuration."""
-    cfg = SanitizeConfig(seed=seed, device="cpu")
+def class_evidence(model, clean, seed: int, options: dict | None = None) -> dict:
+    """Per-class raw evidence of one model, detected as `sanitize` detects with the default configuration (changed by
+    `options`, SanitizeConfig field -> value)."""
+    cfg = SanitizeConfig(seed=seed, device="cpu").with_overrides(**(options or {}))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train, _ = clean.split(cfg.val_fraction, cfg.seed)
     net = Normalized(copy.deepcopy(model).float().cpu().eval(), clean.meta.mean, clean.meta.std)
     k = clean.meta.num_classes
+    start = time.perf_counter()
     detection, results, _, noise, _ = find_backdoor(net, train, k, cfg, gen, SilentProgress())
+    seconds = round(time.perf_counter() - start, 1)
     by_family = {r.family: r for r in results}
     hits = detection.probes["patch"]
     hits = sorted(hits, key=lambda h: h["target"])
@@ -73,7 +76,7 @@ def class_evidence(model, clean, seed: int) -> dict:
         out[f"{family}_index"] = [round(float(idx[res.column(c)]), 4) for c in range(k)]
         out[f"{family}_relative"] = [round(relative_size(res, c), 4) for c in range(k)]
     return {"flagged": detection.flagged, "flagged_target": detection.target if detection.flagged else None,
-            "flagged_by": detection.flagged_by, "classes": out}
+            "flagged_by": detection.flagged_by, "detection_seconds": seconds, "classes": out}
 
 
 def _target(attack: str, trigger) -> int | None:
@@ -170,6 +173,7 @@ def collect(args) -> None:
         done = {(r["arch"], r["attack"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
     cache = HERE / "cache"
     n = preset.per_class[0]
+    options = parse_options([f"sanitize.{o}" for o in args.option]).get("sanitize", {})
     for arch in preset.archs:
         for attack in preset.attacks:
             for seed in preset.seeds(args.split):
@@ -181,9 +185,10 @@ def collect(args) -> None:
                 row = {"preset": preset.name, "split": args.split, "arch": arch, "attack": attack, "seed": seed,
                        "model": model_digest(model),
                        "per_class": n, "train_images": preset.n_train, "train_epochs": preset.epochs,
+                       **({"options": options} if options else {}),
                        "target": _target(attack, trigger),
                        "asr": _asr(attack, model, trigger, clean, preset),
-                       **class_evidence(model, clean, seed), "seconds": round(time.perf_counter() - start, 1)}
+                       **class_evidence(model, clean, seed, options), "seconds": round(time.perf_counter() - start, 1)}
                 with out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 print(f"{arch} {attack} s{seed}: flagged={row['flagged']} by={row['flagged_by']} "
@@ -332,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, help="attacker's training images (default: the preset's)")
     p.add_argument("--train-epochs", type=int, help="attacker's training epochs (default: the preset's)")
     p.add_argument("--test-images", type=int, help="measure the ASR on the first N test images (default: the preset's)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a configuration field for the detection, e.g. synth_steps=100 (repeatable; recorded per line)")
     p.add_argument("--out", help="JSON lines to append to (default benchmarks/results/detection-evidence-SPLIT.jsonl)")
     p.add_argument("--score", metavar="JSONL", help="score the models of this file (no detection runs)")
     p.add_argument("--rescan", metavar="JSONL", help="join the plain scan to this file's lines (written to --out)")

@@ -79,11 +79,13 @@ class SanitizeConfig:
     away_weight: float | None = None
 
     # --- trigger synthesis (trigger-free mode) ---
-    synth_steps: int = 200
-    synth_restarts: int = 2
-    # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", "bf16" (faster
-    # on a GPU; on a CPU only for some architectures: time yours with benchmarks/search_step.py) or "auto": bf16 on a
-    # GPU that supports it, fp32 on a CPU. Measuring stays float32.
+    # Steps and restarts of each search; the verification searches as much again. Fewer change the detectors'
+    # evidence, on which the flag thresholds are set (benchmarks/RESULTS.md, "Speed of a trigger-free run").
+    synth_steps: int = 100
+    synth_restarts: int = 1
+    # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", "bf16" or
+    # "auto": bf16 on a GPU that supports it; on a CPU, bf16 only where one search step of this model is clearly
+    # faster in it (it is for some architectures and not for others: defense/searchnet.py). Measuring stays float32.
     search_precision: str = "auto"
     # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).

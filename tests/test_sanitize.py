@@ -105,6 +105,7 @@ def test_report_follows_schema_1(known):
     assert isinstance(report["seconds"], float) and report["seconds"] > 0
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "known"
     assert report["detection"] is None, "known-trigger mode detects nothing"
+    assert report["search_precision"] is None, "nor searches"
     assert report["unlearning_plan"] == [{"trigger": "patch", "share": 1.0}]
     assert report["evaluated_on"] == "test" and report["evaluated_images"] == 2000
     timings = report["timings"]
@@ -253,6 +254,8 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         assert all(r["family"] in ("patch", "blend") for r in rechecks)
         # both families over every class first, then both families over the flagged class per recheck
         assert report["synthesis_steps"] == 10 * 1 * 2 * (1 + len(rechecks))
+        # auto on a CPU: the precision this machine timed as faster for the model (test_searchnet.py)
+        assert report["config"]["search_precision"] == "auto" and report["search_precision"] in ("fp32", "bf16")
         # the probe's square, then each repeated recheck's triggers, each an equal share of the unlearning images
         plan = {p["trigger"]: p["share"] for p in report["unlearning_plan"]}
         repeats = sum(r["repeated"] for r in rechecks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -211,10 +212,11 @@ def test_a_model_that_does_not_survive_bfloat16_keeps_a_float32_copy(model):
         assert torch.allclose(copied(x), net(x), atol=1e-3)
 
 
-def test_auto_precision_is_bfloat16_on_a_gpu_only(monkeypatch):
+def test_auto_precision_is_bfloat16_on_a_gpu_and_timed_on_a_cpu(monkeypatch):
     from gradprune_mlflow.defense.searchnet import resolved_precision
 
-    assert resolved_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolved_precision("auto", torch.device("cpu")) == "timed"
+    assert resolved_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolved_precision("bf16", torch.device("cpu")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolved_precision("auto", torch.device("cuda")) == "bf16"
@@ -234,3 +236,48 @@ def test_the_detector_flags_the_backdoor_through_a_bfloat16_copy(badnets_cnn, cl
     cfg = SanitizeConfig(synth_steps=100, warp_steps=10, search_precision="bf16")  # 40 steps miss it in float32 too
     detection = find_backdoor(net, data, 10, cfg, torch.Generator().manual_seed(0), SilentProgress()).detection
     assert detection.flagged and detection.target == 0 and detection.flagged_by == "patch_probe"
+
+
+class _Slow(nn.Module):
+    """A conv net whose forward pass also sleeps: a copy that is plainly slower than another."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.conv, self.seconds = nn.Conv2d(1, 4, 3), seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize(("fp32_sleep", "bf16_sleep", "chosen"), [(0.0, 0.03, "fp32"), (0.03, 0.0, "bf16")])
+def test_auto_takes_the_precision_whose_search_step_is_clearly_faster(monkeypatch, fp32_sleep, bf16_sleep, chosen):
+    from gradprune_mlflow.defense import searchnet
+
+    monkeypatch.setattr(searchnet, "_TIMED", {})
+    example = torch.rand(4, 1, 8, 8)
+    assert searchnet.faster_precision(_Slow(fp32_sleep), _Slow(bf16_sleep), example) == chosen
+
+
+def test_a_near_tie_keeps_float32(monkeypatch):
+    from gradprune_mlflow.defense import searchnet
+
+    monkeypatch.setattr(searchnet, "_TIMED", {})
+    # the "bf16" copy is 10% faster: short of AUTO_GAIN
+    assert searchnet.faster_precision(_Slow(0.033), _Slow(0.03), torch.rand(4, 1, 8, 8)) == "fp32"
+
+
+def test_auto_on_a_cpu_searches_in_the_precision_it_timed_as_faster(badnets_cnn, clean_set, monkeypatch):
+    from gradprune_mlflow.defense import searchnet
+
+    monkeypatch.setattr(searchnet, "_TIMED", {})
+    example = clean_set.images[:8]
+    copied = search_copy(badnets_cnn, example, "auto")
+    assert len(searchnet._TIMED) == 1  # timed once; a second copy of the same architecture reuses the answer
+    (timed,) = searchnet._TIMED.values()
+    assert searchnet.precision_of(copied) == timed
+    assert searchnet.precision_of(search_copy(copy.deepcopy(badnets_cnn), example, "auto")) == timed
+    assert len(searchnet._TIMED) == 1
+    with torch.no_grad():
+        want = badnets_cnn.eval()(example)
+        assert (copied(example) - want).abs().max() <= searchnet.BF16_TOLERANCE * (want.abs().max() + 1)

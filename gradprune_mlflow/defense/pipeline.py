@@ -163,6 +163,8 @@ def run_sanitize(
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
         # one search per family over every class, then one per family over the flagged class per recheck, and the
         # fixed-strength blend search when it ran
+        # what trigger-free mode's searches computed in: search_precision as this machine resolved it
+        "search_precision": found.precision if found else None,
         "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) * (1 + len(rechecks))
         + found.fixed_steps * cfg.synth_restarts if found else 0,
         "evaluated_on": evaluated_on,

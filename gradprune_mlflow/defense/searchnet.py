@@ -8,14 +8,16 @@ that cannot be rearranged (TorchScript, code that torch.fx cannot trace), or one
 constants rather than parameters (the pt2 adapter) falls back to a plain frozen copy.
 
 With precision "bf16" the copy then holds its weights in bfloat16 and casts each input down and its logits back up:
-a GPU computes bfloat16 natively (on a CPU whether it pays depends on the architecture too:
-benchmarks/search_step.py), and a trigger search needs the direction of a gradient, not its last digits. Measuring
+a GPU computes bfloat16 natively, and a trigger search needs the direction of a gradient, not its last digits. On a
+CPU whether it pays depends on the architecture as well as the CPU (benchmarks/search_step.py), so "auto" there times
+one search step of the model in both precisions and keeps float32 unless bfloat16 is clearly faster. Measuring
 (accuracy, ASR) never uses it.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -29,6 +31,11 @@ TF32_TOLERANCE = 2e-2
 # bfloat16 keeps 8 bits of each number: its logits differ from float32's by about a percent of their scale. A model
 # that differs by more than this does not survive bfloat16 (overflow, a layer that needs the range) and stays float32.
 BF16_TOLERANCE = 0.1
+# On a CPU, "auto" takes bfloat16 only when its search step takes at most this share of float32's: a near tie is not
+# worth a result that could flip between two runs on one machine.
+AUTO_GAIN = 0.8
+# Images in the timed step (a synthesis step passes 480; fewer keep the timing short and rank the two the same way).
+TIMED_IMAGES = 96
 # Set on every copy search_copy returns: handing one back in returns it as it is rather than copying it again.
 MARK = "is_search_copy"
 
@@ -82,11 +89,42 @@ class _Bfloat16(nn.Module):
 
 
 def resolved_precision(precision: str, device: torch.device) -> str:
-    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it and fp32 elsewhere (on a CPU
-    bfloat16 pays for some architectures and costs for others, even with native support: the user's call)."""
+    """"fp32", "bf16" or "timed": `precision` itself, or for "auto" bf16 on a GPU that computes it, fp32 on another
+    GPU, and "timed" on a CPU (bfloat16 pays there for some architectures and costs for others: faster_precision)."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "timed"
+
+
+def _step_seconds(net: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """The fastest of `repeats` search steps (forward, then backward to the input) through `net`, after a warm-up."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        xs = x.clone().requires_grad_()
+        start = time.perf_counter()
+        net(xs).logsumexp(1).sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+# faster_precision's answers: the choice depends on the architecture, the input shape and the machine's threads,
+# not on the weights, and a run asks it again for every state of the model it searches.
+_TIMED: dict[tuple, str] = {}
+
+
+def faster_precision(fp32: nn.Module, bf16: nn.Module, example: torch.Tensor) -> str:
+    """"bf16" when a search step through `bf16` takes at most AUTO_GAIN of one through `fp32` (two copies of one
+    model on a CPU), else "fp32"."""
+    key = (type(fp32).__name__, tuple((n, tuple(p.shape)) for n, p in fp32.named_parameters()),
+           tuple(example.shape[1:]), torch.get_num_threads())
+    if key not in _TIMED:
+        x = example.repeat((TIMED_IMAGES + len(example) - 1) // len(example), *[1] * (example.ndim - 1))
+        x = x[:TIMED_IMAGES].to(next(fp32.parameters()).device)
+        _TIMED[key] = "bf16" if _step_seconds(bf16, x) <= AUTO_GAIN * _step_seconds(fp32, x) else "fp32"
+    return _TIMED[key]
 
 
 def search_copy(net: nn.Module, example: torch.Tensor, precision: str = "fp32") -> nn.Module:
@@ -98,7 +136,8 @@ def search_copy(net: nn.Module, example: torch.Tensor, precision: str = "fp32") 
         return net
     copied = _float32_copy(net, example)
     device = next(copied.parameters()).device
-    if resolved_precision(precision, device) == "fp32":
+    wanted = resolved_precision(precision, device)
+    if wanted == "fp32":
         return copied
     try:
         low = _marked(_frozen(_Bfloat16(copy.deepcopy(copied))))
@@ -109,7 +148,14 @@ def search_copy(net: nn.Module, example: torch.Tensor, precision: str = "fp32") 
         return copied
     scale = float(want.abs().max()) + 1.0
     close = torch.isfinite(got).all() and float((got - want).abs().max()) <= BF16_TOLERANCE * scale
+    if close and wanted == "timed":
+        close = faster_precision(copied, low, example) == "bf16"
     return low if close else copied
+
+
+def precision_of(net: nn.Module) -> str:
+    """"bf16" for a bfloat16 search copy, else "fp32": what a run's searches computed in."""
+    return "bf16" if isinstance(net, _Bfloat16) else "fp32"
 
 
 def _float32_copy(net: nn.Module, example: torch.Tensor) -> nn.Module:

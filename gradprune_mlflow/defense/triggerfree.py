@@ -19,7 +19,7 @@ from gradprune_mlflow.defense.finetune import finetune
 from gradprune_mlflow.defense.patch_probe import PatchHit, densest_square, square
 from gradprune_mlflow.defense.probes import NOISE_ALPHA, Search, find_backdoor
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
-from gradprune_mlflow.defense.searchnet import search_copy
+from gradprune_mlflow.defense.searchnet import precision_of, search_copy
 from gradprune_mlflow.defense.synthesis import (
     Detection,
     FamilyResult,
@@ -177,6 +177,7 @@ class Found:
     noise_response: float  # the flagged class's response to uniform noise
     noise: bool  # fresh noise is unlearned (the response is above noise_threshold)
     fixed_steps: int = 0  # steps of the fixed-strength blend search, when it ran
+    precision: str = "fp32"  # what the searches computed in ("fp32" or "bf16": search_precision resolved)
 
 
 def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator,
@@ -209,4 +210,5 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         unlearn = TriggerMix([TriggerMix(companion.unlearning(), gen), unlearn], gen)
         synthesized = synthesized + [companion.trigger]
     unlearn = with_agnostic(unlearn, net, target, cfg, gen)
-    return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps)
+    return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps,
+                 precision_of(searched))
