@@ -28,6 +28,11 @@ MODE_DEFAULTS: dict[str, tuple[Any, Any]] = {
 }
 
 
+def verify_steps(cfg: Any) -> int:
+    """The verification's search steps: `cfg.verify_steps`, or half the synthesis steps (at least 1) if unset."""
+    return max(1, cfg.synth_steps // 2) if cfg.verify_steps is None else cfg.verify_steps
+
+
 def warp_steps(cfg: Any) -> int:
     """The warp probe's search steps: `cfg.warp_steps`, or half the synthesis steps when it is unset (so that a
     smaller synthesis budget shrinks the probe with it). `cfg` is a SanitizeConfig or the evaluator's EvalConfig."""
@@ -79,10 +84,8 @@ class SanitizeConfig:
     away_weight: float | None = None
 
     # --- trigger synthesis (trigger-free mode) ---
-    # Steps and restarts of each search; the verification searches as much again. Fewer change the detectors'
-    # evidence, on which the flag thresholds are set (benchmarks/RESULTS.md, "Speed of a trigger-free run").
-    synth_steps: int = 100
-    synth_restarts: int = 1
+    synth_steps: int = 200
+    synth_restarts: int = 2
     # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", "bf16" or
     # "auto": bf16 on a GPU that supports it; on a CPU, bf16 only where one search step of this model is clearly
     # faster in it (it is for some architectures and not for others: defense/searchnet.py). Measuring stays float32.
@@ -130,6 +133,11 @@ class SanitizeConfig:
     # unlearned (every class and family, on the validation split, with the same thresholds; defense/verify.py). A
     # search that flags a class fails the verification: the registry then withholds the alias `sanitized`.
     verify: bool = True
+    # The verification's search budget: its synth_steps (unset: half of synth_steps; its warp probe takes half of
+    # these unless warp_steps is set) and synth_restarts. Smaller than detection's: it only has to find a backdoor
+    # that still works, and at this budget detection still flags the zoo's learned backdoors (benchmarks/RESULTS.md).
+    verify_steps: int | None = None
+    verify_restarts: int = 1
     # Trigger-free mode: the share of the unlearning images that carry a universal perturbation toward the flagged
     # class, searched again against the model as it learns (defense/agnostic.py), for triggers no synthesized family
     # expresses (warps, sample-specific ones). 0 turns it off.
@@ -143,6 +151,8 @@ class SanitizeConfig:
         value = getattr(self, name)
         if name == "warp_steps":
             return warp_steps(self)
+        if name == "verify_steps":
+            return verify_steps(self)
         if value is None and name in MODE_DEFAULTS:
             return MODE_DEFAULTS[name][self.mode == "fast"]
         return value
@@ -195,6 +205,12 @@ class SanitizeConfig:
                            f"< 1, got {self.suspect_threshold!r} and {self.flag_threshold!r}")
         if not isinstance(self.verify, bool):
             raise BadInput(f"verify must be true or false, got {self.verify!r}")
+        for name in ("synth_steps", "synth_restarts", "verify_steps", "verify_restarts"):
+            value = getattr(self, name)
+            if name == "verify_steps" and value is None:  # unset: half of synth_steps
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInput(f"{name} must be a whole number of at least 1, got {value!r}")
         for name, low in (("prune_patience", 1), ("finetune_epochs", 1), ("finetune_patience", 1),
                           ("distill_weight", 0), ("unlearn_weight", 0), ("away_weight", 0)):
             value = getattr(self, name)

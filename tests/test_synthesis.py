@@ -140,7 +140,7 @@ def test_badnets_target_has_the_smallest_patch_trigger(net, clean_set):
     """On the BadNets model (3x3 patch to class 0), class 0 needs the smallest synthesized patch.
 
     Measured on 2 shared cores: at 40 and 80 steps every class still sits at its first working (large) size and
-    class 0 is not the smallest; at 120 it is, by 5%; at 200 steps (the default) it is, by 2-3x. 200 steps of one
+    class 0 is not the smallest; at 120 it is, by 5%; at 200 steps it is, by 2-3x. 200 steps of one
     family with one restart take about 40 s on an idle machine (2 minutes when the cores are shared).
     """
     res = synthesize(net, clean_set.images, clean_set.labels, K, "patch", steps=200, restarts=1,

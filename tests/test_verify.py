@@ -93,6 +93,24 @@ def test_the_network_parameters_buffers_and_mode_are_not_changed():
     assert net.training and [p.requires_grad for p in net.parameters()] == grads
 
 
+def test_the_search_has_its_own_budget_a_quarter_of_detection_s_by_default(planted):
+    _, found = planted
+    assert (found.steps, found.restarts) == (CFG.synth_steps // 2, 1)  # verify_steps unset: half of synth_steps
+    assert found.to_report()["steps"] == 75 and found.to_report()["restarts"] == 1
+    net = Stub(planted=False).eval()
+    own = verify(net, _val(net), CLASSES, CFG.with_overrides(verify_steps=6, verify_restarts=2), SilentProgress())
+    assert (own.steps, own.restarts) == (6, 2)
+
+
+@pytest.mark.parametrize("setting", [{"verify_steps": 0}, {"verify_restarts": 0}, {"verify_steps": 2.5},
+                                     {"verify_restarts": True}, {"synth_steps": "many"}, {"synth_restarts": 0}])
+def test_a_search_budget_that_is_no_whole_number_is_bad_input(setting):
+    from gradprune_mlflow.errors import BadInput
+
+    with pytest.raises(BadInput, match=f"{next(iter(setting))} must be a whole number"):
+        SanitizeConfig().with_overrides(**setting)
+
+
 def test_the_search_draws_from_its_own_generator(planted):
     net, first = planted
     global_state = torch.get_rng_state()

@@ -3,8 +3,9 @@
 Trigger-free mode measures its "after" with a trigger from the same search that built the unlearning set, and a model
 becomes immune to exactly what it unlearned while the attacker's trigger can survive. So after sanitizing, the
 detector runs again from scratch on the sanitized model: every class, every family, both probes, on the validation
-split (no synthesis ran on it and no fine-tuning step trained on it), with a generator of its own. It flags with the
-defense's own thresholds; nothing here is tuned for it.
+split (no synthesis ran on it and no fine-tuning step trained on it), with a generator of its own and its own
+search budget (`verify_steps`, `verify_restarts`). It flags with the defense's own thresholds; nothing here is tuned
+for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradprune_mlflow.config import verify_steps
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.metrics import attack_metrics
 from gradprune_mlflow.defense.probes import find_backdoor
@@ -44,6 +46,8 @@ class Verification:
     success_rate: float | None  # the found trigger's, on validation images of the other classes
     same_target: bool  # flagged, and at the class the defense flagged
     searched_on: str = "validation"
+    steps: int = 0  # the search budget: steps of each family's search, and restarts
+    restarts: int = 0
 
     @property
     def verdict(self) -> str:
@@ -55,21 +59,23 @@ class Verification:
         return {"verdict": self.verdict, "searched_on": self.searched_on, "images": self.images,
                 "flagged": self.flagged, "class": self.target, "anomaly_index": round(self.anomaly_index, 4),
                 "flagged_by": self.flagged_by, "family": self.family, "synthesized_trigger_success_rate": rate,
-                "same_target": self.same_target}
+                "same_target": self.same_target, "steps": self.steps, "restarts": self.restarts}
 
 
 def verify(net: nn.Module, val: Split, num_classes: int, cfg, progress: Progress, *,
            defended_target: int | None = None) -> Verification:
     """Search `net` (taking [0, 1] pixels) for a remaining backdoor on `val`; `net` itself is not touched.
 
-    `cfg` is the run's SanitizeConfig: its synthesis budget and thresholds are the defense's, its seed is offset.
+    `cfg` is the run's SanitizeConfig: its thresholds are the defense's, its search budget the verification's own
+    (verify_steps, verify_restarts), its seed is offset.
     `defended_target` is the class the defense flagged, to say whether the same class is found again.
     """
     seed = cfg.seed + SEED_OFFSET
     generator = torch.Generator().manual_seed(seed)
     # find_backdoor searches a frozen copy of `net`; the found trigger is measured on `net` itself (eval mode, no
     # gradients), so the rate is the sanitized model's own
-    detection, results, hit, _, _ = find_backdoor(net, val, num_classes, replace(cfg, seed=seed), generator, progress)
+    budget = replace(cfg, seed=seed, synth_steps=verify_steps(cfg), synth_restarts=cfg.verify_restarts)
+    detection, results, hit, _, _ = find_backdoor(net, val, num_classes, budget, generator, progress)
     if hit is not None:
         trigger: Trigger = hit.trigger
     else:
@@ -78,7 +84,8 @@ def verify(net: nn.Module, val: Split, num_classes: int, cfg, progress: Progress
     rate = attack_metrics(net, val, trigger)[0]
     return Verification(len(val), detection.flagged, detection.target, detection.anomaly_index,
                         detection.flagged_by, detection.family, rate,
-                        detection.flagged and detection.target == defended_target)
+                        detection.flagged and detection.target == defended_target,
+                        steps=budget.synth_steps, restarts=budget.synth_restarts)
 
 
 def report_block(found: Verification | None, *, known: bool, skipped: bool, after: dict[str, Any] | None,
