@@ -161,10 +161,10 @@ def run_sanitize(
         "gradient_passes": prune_out.passes if prune_out else 0,
         "finetune_epochs": finetune_out.epochs if finetune_out else 0,
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
-        # one search per family over every class, then one per family over the flagged class per recheck, and the
-        # fixed-strength blend search when it ran
         # what trigger-free mode's searches computed in: search_precision as this machine resolved it
         "search_precision": found.precision if found else None,
+        # one search per family over every class, then one per family over the flagged class per recheck, and the
+        # fixed-strength blend search when it ran
         "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) * (1 + len(rechecks))
         + found.fixed_steps * cfg.synth_restarts if found else 0,
         "evaluated_on": evaluated_on,
