@@ -5,20 +5,19 @@ this machine.
 
 A step is what synthesis and the probes repeat: a forward and a backward pass to the input over 480 images (20 rows of
 24 images: two restarts for ten classes), through the search copy the product builds (defense/searchnet.py: folded
-BatchNorm, channels-last on a CPU, and for "bf16" bfloat16 weights behind float32 inputs). Untrained weights: the
-time does not depend on them. Prints a markdown table; the median of `--repeats` steps after one warm-up step.
+BatchNorm, channels-last on a CPU, and for "bf16" bfloat16 weights behind float32 inputs), timed by the function
+`search_precision=auto` times with (searchnet.step_seconds: the fastest of `--repeats` steps after a warm-up step,
+the two precisions taking turns). Untrained weights: the time does not depend on them. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
-from gradprune_mlflow.defense.searchnet import search_copy
+from gradprune_mlflow.defense.searchnet import search_copy, step_seconds
 from gradprune_mlflow.models.zoo import create_model
 
 # (channels, side) of the inputs the benchmark's models of each architecture take
@@ -27,23 +26,12 @@ RGB32 = (3, 32)
 IMAGES = 480
 
 
-def step_seconds(arch: str, precision: str, repeats: int) -> float:
+def arch_step_seconds(arch: str, precisions: list[str], repeats: int) -> list[float]:
+    """Seconds per step of `arch`'s search copy in each of `precisions`, timed in turns."""
     channels, side = SHAPES.get(arch, RGB32)
     net = create_model(arch, num_classes=10, in_channels=channels, image_size=side)
     x = torch.rand(IMAGES, channels, side, side)
-    copy = search_copy(net, x[:8], precision)
-
-    def step() -> None:
-        images = x.clone().requires_grad_()
-        copy(images).sum().backward()
-
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return step_seconds([search_copy(net, x[:8], p) for p in precisions], x, repeats)
 
 
 def main() -> None:
@@ -58,7 +46,7 @@ def main() -> None:
     print("| architecture | fp32 s/step | bf16 s/step | bf16 / fp32 |")
     print("|---|---|---|---|")
     for arch in args.archs:
-        fp32, bf16 = (step_seconds(arch, p, args.repeats) for p in ("fp32", "bf16"))
+        fp32, bf16 = arch_step_seconds(arch, ["fp32", "bf16"], args.repeats)
         print(f"| {arch} | {fp32:.3f} | {bf16:.3f} | {bf16 / fp32:.2f} |", flush=True)
 
 

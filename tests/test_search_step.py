@@ -22,8 +22,7 @@ def test_each_precision_times_the_product_s_search_copy(monkeypatch):
         return copy
 
     monkeypatch.setattr(script, "search_copy", recording)
-    for precision in ("fp32", "bf16"):
-        assert script.step_seconds("small_cnn", precision, repeats=2) > 0
+    assert all(s > 0 for s in script.arch_step_seconds("small_cnn", ["fp32", "bf16"], repeats=2))
     assert built == [("fp32", torch.float32), ("bf16", torch.bfloat16)]
 
 

@@ -281,3 +281,21 @@ def test_auto_on_a_cpu_searches_in_the_precision_it_timed_as_faster(badnets_cnn,
     with torch.no_grad():
         want = badnets_cnn.eval()(example)
         assert (copied(example) - want).abs().max() <= searchnet.BF16_TOLERANCE * (want.abs().max() + 1)
+
+
+def test_the_timed_copies_take_turns_after_one_warm_up_each():
+    from gradprune_mlflow.defense import searchnet
+
+    calls = []
+
+    class Named(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.conv = name, nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            calls.append(self.name)
+            return self.conv(x).mean((2, 3))
+
+    seconds = searchnet.step_seconds([Named("a"), Named("b")], torch.rand(4, 1, 8, 8), repeats=2)
+    assert calls == ["a", "b"] * 3 and len(seconds) == 2 and all(s > 0 for s in seconds)

@@ -34,7 +34,8 @@ BF16_TOLERANCE = 0.1
 # On a CPU, "auto" takes bfloat16 only when its search step takes at most this share of float32's: a near tie is not
 # worth a result that could flip between two runs on one machine.
 AUTO_GAIN = 0.8
-# Images in the timed step (a synthesis step passes 480; fewer keep the timing short and rank the two the same way).
+# Images in the timed step. A synthesis step passes 480; fewer keep the timing short, and where bfloat16's gain grows
+# with the batch (ResNet-18) they err toward float32, the choice that needs no justification.
 TIMED_IMAGES = 96
 # Set on every copy search_copy returns: handing one back in returns it as it is rather than copying it again.
 MARK = "is_search_copy"
@@ -98,15 +99,23 @@ def resolved_precision(precision: str, device: torch.device) -> str:
     return "timed"
 
 
-def _step_seconds(net: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
-    """The fastest of `repeats` search steps (forward, then backward to the input) through `net`, after a warm-up."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        xs = x.clone().requires_grad_()
-        start = time.perf_counter()
-        net(xs).logsumexp(1).sum().backward()
-        if i:
-            best = min(best, time.perf_counter() - start)
+def _step(net: nn.Module, x: torch.Tensor) -> float:
+    xs = x.clone().requires_grad_()
+    start = time.perf_counter()
+    net(xs).logsumexp(1).sum().backward()
+    return time.perf_counter() - start
+
+
+def step_seconds(nets: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> list[float]:
+    """For each of `nets`, the fastest of `repeats` search steps (forward, then backward to the input) over the
+    images `x`, after a warm-up step each: what "auto" compares, and what benchmarks/search_step.py reports. The nets
+    take turns, so that a busy spell of the machine slows them alike rather than one of them."""
+    for net in nets:
+        _step(net, x)
+    best = [float("inf")] * len(nets)
+    for _ in range(repeats):
+        for i, net in enumerate(nets):
+            best[i] = min(best[i], _step(net, x))
     return best
 
 
@@ -123,7 +132,8 @@ def faster_precision(fp32: nn.Module, bf16: nn.Module, example: torch.Tensor) ->
     if key not in _TIMED:
         x = example.repeat((TIMED_IMAGES + len(example) - 1) // len(example), *[1] * (example.ndim - 1))
         x = x[:TIMED_IMAGES].to(next(fp32.parameters()).device)
-        _TIMED[key] = "bf16" if _step_seconds(bf16, x) <= AUTO_GAIN * _step_seconds(fp32, x) else "fp32"
+        fp32_seconds, bf16_seconds = step_seconds([fp32, bf16], x)
+        _TIMED[key] = "bf16" if bf16_seconds <= AUTO_GAIN * fp32_seconds else "fp32"
     return _TIMED[key]
 
 
