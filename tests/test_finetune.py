@@ -181,3 +181,27 @@ def test_the_away_term_lowers_the_target_share_of_triggered_images(data, clean_s
             shares.append(torch.softmax(net(train_t.images[others]), 1)[:, TRIGGER.target].mean().item())
     # measured here: 0.187 without, 0.100 with (both kept epoch 1 of 3)
     assert shares[1] < 0.8 * shares[0], shares
+
+
+def test_training_runs_channels_last_on_a_cpu_and_leaves_the_default_layout():
+    from gradprune_mlflow.defense.metrics import training_layout
+
+    net = create_model("small_cnn").eval()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        want = net(x)
+    with training_layout(net):
+        conv = net.features[4].weight  # 32 input channels: the first conv has one, which both layouts share
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        with torch.no_grad():
+            assert torch.allclose(net(x), want, atol=1e-5)
+    assert net.features[4].weight.is_contiguous()
+
+
+def test_a_fine_tuned_model_comes_back_in_the_default_layout(data):
+    train, val, val_triggered = data
+    net = Normalized(create_model("small_cnn"), (0.5,), (0.5,))
+    cfg = SanitizeConfig(finetune_epochs=1)
+    finetune(net, None, train, TRIGGER, val, val_triggered, cfg, SilentProgress(), torch.Generator().manual_seed(0),
+             teacher=copy.deepcopy(net))
+    assert all(p.is_contiguous() for p in net.parameters())

@@ -27,6 +27,21 @@ def autocast(device: torch.device):
 
 
 @contextlib.contextmanager
+def training_layout(net: nn.Module):
+    """`net`'s weights laid out channels-last for the block when it trains on a CPU, then back to the default layout.
+    oneDNN's convolutions and their gradients are faster in it for most architectures (benchmarks/RESULTS.md, "Speed
+    of a trigger-free run"); the function computed is the same up to float rounding. A 3-D conv has no such layout."""
+    convert = next(net.parameters()).device.type == "cpu" and all(p.dim() <= 4 for p in net.parameters())
+    if convert:
+        net.to(memory_format=torch.channels_last)
+    try:
+        yield net
+    finally:
+        if convert:
+            net.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
 def eval_mode(net: nn.Module):
     """`net` in eval mode for the block, then every module back in its own mode (not all in the wrapper's: a model
     may keep some modules, e.g. frozen BatchNorm, in eval mode while training)."""

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.finetune import _train_mode_frozen_bn, augment
-from gradprune_mlflow.defense.metrics import accuracy
+from gradprune_mlflow.defense.metrics import accuracy, training_layout
 
 # Liu et al. 2018 and the BackdoorBench baselines fine-tune with SGD, lr 0.01, momentum 0.9, weight decay 5e-4.
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -53,8 +53,15 @@ def sgd_finetune(
     validation accuracy stays within MAX_ACC_DROP of the original is kept: keeping the best clean accuracy would
     keep the untouched model most of the time. `step(net, opt, x, y)` replaces the plain cross-entropy step (FT-SAM).
     """
-    if score is None:
-        return _finetune_latest_within(net, train, val, seed=seed, epochs=epochs, step=step)
+    with training_layout(net):
+        if score is None:
+            return _finetune_latest_within(net, train, val, seed=seed, epochs=epochs, step=step)
+        return _finetune_best(net, train, val, seed=seed, stamp=stamp, score=score, epochs=epochs, step=step)
+
+
+def _finetune_best(net: nn.Module, train: Split, val: Split, *, seed: int,
+                   stamp: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+                   score: Callable[[nn.Module], float], epochs: int, step: Step | None) -> int:
     gen = torch.Generator().manual_seed(seed)
     device = next(net.parameters()).device
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
