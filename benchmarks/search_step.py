@@ -12,42 +12,26 @@ the two precisions taking turns). Untrained weights: the time does not depend on
 
 from __future__ import annotations
 
-import argparse
-import platform
-
 import torch
 
+from gradprune_mlflow.benchmark.steps import compare_main, input_shape
 from gradprune_mlflow.defense.searchnet import search_copy, step_seconds
 from gradprune_mlflow.models.zoo import create_model
 
-# (channels, side) of the inputs the benchmark's models of each architecture take
-SHAPES = {"small_cnn": (1, 28), "small_cnn_nobn": (1, 28)}
-RGB32 = (3, 32)
 IMAGES = 480
 
 
 def arch_step_seconds(arch: str, precisions: list[str], repeats: int) -> list[float]:
     """Seconds per step of `arch`'s search copy in each of `precisions`, timed in turns."""
-    channels, side = SHAPES.get(arch, RGB32)
+    channels, side = input_shape(arch)
     net = create_model(arch, num_classes=10, in_channels=channels, image_size=side)
     x = torch.rand(IMAGES, channels, side, side)
     return step_seconds([search_copy(net, x[:8], p) for p in precisions], x, repeats)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--archs", nargs="+", default=["small_cnn", "mobilenet_v3_small", "resnet18"])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    capability = torch.backends.cpu.get_cpu_capability()
-    print(f"{platform.machine()}, CPU capability {capability}, {args.threads} threads, torch {torch.__version__}\n")
-    print("| architecture | fp32 s/step | bf16 s/step | bf16 / fp32 |")
-    print("|---|---|---|---|")
-    for arch in args.archs:
-        fp32, bf16 = arch_step_seconds(arch, ["fp32", "bf16"], args.repeats)
-        print(f"| {arch} | {fp32:.3f} | {bf16:.3f} | {bf16 / fp32:.2f} |", flush=True)
+    compare_main(__doc__.splitlines()[0], ("fp32", "bf16"),
+                 lambda arch, repeats: arch_step_seconds(arch, ["fp32", "bf16"], repeats))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""Seconds of one fine-tuning step per architecture, in the default memory layout and channels-last: what
+defense/metrics.training_layout buys on this CPU.
+
+    .venv/bin/python benchmarks/train_step.py [--threads 2] [--archs small_cnn mobilenet_v3_small resnet18]
+
+A step is what fast mode's fine-tuning repeats (defense/finetune.py): a forward pass over 128 clean and 128 triggered
+images, the teacher's forward pass over the clean ones, cross-entropy on both, the distillation term, a backward pass
+and an Adam step, with BatchNorm frozen. Untrained weights: the time does not depend on them. The two layouts take
+turns; each column is the fastest of `--repeats` steps after two warm-up steps. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch.nn import functional as F
+
+from gradprune_mlflow.benchmark.steps import compare_main, input_shape
+from gradprune_mlflow.defense.finetune import _train_mode_frozen_bn
+from gradprune_mlflow.defense.metrics import training_layout
+from gradprune_mlflow.models.zoo import create_model
+
+BATCH = 128
+
+
+def _step(net, teacher, opt, x, xt, y) -> float:
+    start = time.perf_counter()
+    clean, triggered = net(x), net(xt)
+    with torch.no_grad():
+        soft = F.softmax(teacher(x), 1)
+    loss = F.cross_entropy(clean, y) + 2 * F.cross_entropy(triggered, y)
+    loss = loss + 5 * F.kl_div(F.log_softmax(clean, 1), soft, reduction="batchmean")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def layout_seconds(arch: str, repeats: int) -> tuple[float, float]:
+    """The fastest step of `arch` in the default layout and channels-last (training_layout), taking turns."""
+    channels, side = input_shape(arch)
+    x, xt = torch.rand(BATCH, channels, side, side), torch.rand(BATCH, channels, side, side)
+    y = torch.randint(0, 10, (BATCH,))
+    runs = []
+    with contextlib.ExitStack() as stack:
+        for layout in (False, True):
+            net = create_model(arch, num_classes=10, in_channels=channels, image_size=side)
+            teacher = create_model(arch, num_classes=10, in_channels=channels, image_size=side).eval()
+            if layout:
+                stack.enter_context(training_layout(net))
+                stack.enter_context(training_layout(teacher))
+            _train_mode_frozen_bn(net)
+            runs.append((net, teacher, torch.optim.Adam(net.parameters(), lr=1e-3)))
+        for run in runs:
+            for _ in range(2):
+                _step(*run, x, xt, y)
+        best = [float("inf")] * len(runs)
+        for _ in range(repeats):
+            for i, run in enumerate(runs):
+                best[i] = min(best[i], _step(*run, x, xt, y))
+    return best[0], best[1]
+
+
+def main() -> None:
+    compare_main(__doc__.splitlines()[0], ("default", "channels-last"), layout_seconds)
+
+
+if __name__ == "__main__":
+    main()
