@@ -96,73 +96,57 @@ def finetune(
 
     `teacher` is the original (unpruned) model, whose clean predictions fast mode distils from.
     """
-    # on a CPU the weights train channels-last; the teacher only runs forward, which that layout speeds up as well
-    with training_layout(net), (training_layout(teacher) if teacher is not None else contextlib.nullcontext()):
-        out = _finetune(net, masks, train, trigger, val_clean, val_triggered, cfg, progress, generator, teacher)
-    net.eval()
-    return out
-
-
-def _finetune(
-    net: nn.Module,
-    masks: FilterMasks | None,
-    train: Split,
-    trigger: Trigger,
-    val_clean: Split,
-    val_triggered: Split,
-    cfg: SanitizeConfig,
-    progress: Progress,
-    generator: torch.Generator,
-    teacher: nn.Module | None = None,
-) -> FinetuneOutcome:
     device = next(net.parameters()).device
     clean_only = cfg.mode == "paper"
     distill = cfg.resolved("distill_weight") if teacher is not None else 0.0
     unlearn_weight, epochs, patience = (cfg.resolved(n) for n in ("unlearn_weight", "finetune_epochs",
                                                                     "finetune_patience"))
     away = cfg.resolved("away_weight")
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.finetune_lr)
-    steps = epochs * -(-len(train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    best_loss = validation_loss(net, val_clean, val_triggered, clean_only, cfg.batch_size)
-    best_state = copy.deepcopy(net.state_dict())
-    out, since_best = FinetuneOutcome(), 0
-    progress.phase("fine-tuning", epochs)
-    for epoch in range(1, epochs + 1):
-        _train_mode_frozen_bn(net)
-        for idx in torch.randperm(len(train), generator=generator).split(cfg.batch_size):
-            x, y = train.images[idx], train.labels[idx].to(device)
-            if cfg.finetune_augment:
-                x = augment(x, generator)
-            xt = trigger.apply(x).to(device)
-            x = x.to(device)
-            with autocast(device):
-                clean_logits = net(x)
-                trig_logits = net(xt)
-                loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(trig_logits, y)
-                if away:
-                    loss = loss + away * away_from_target(trig_logits, y, trigger.target)
-                if distill:
-                    with torch.no_grad():
-                        soft = F.softmax(teacher(x).float(), 1)
-                    log_p = F.log_softmax(clean_logits.float(), 1)
-                    loss = loss + distill * F.kl_div(log_p, soft, reduction="batchmean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            out.passes += 1
-            if masks is not None:
-                masks.apply()  # hold the masks: pruned filters cannot regrow
-        net.eval()
-        out.epochs = epoch
-        loss = validation_loss(net, val_clean, val_triggered, clean_only, cfg.batch_size)
-        progress.advance(1, val_loss=round(loss, 4))
-        if loss < best_loss - 1e-4:
-            best_loss, best_state, out.best_epoch, since_best = loss, copy.deepcopy(net.state_dict()), epoch, 0
-        else:
-            since_best += 1
-            if since_best >= patience:
-                break
-    net.load_state_dict(best_state)
+    # the teacher only runs forward, which the layout speeds up as well
+    with training_layout(net), training_layout(teacher) if teacher is not None else contextlib.nullcontext():
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.finetune_lr)
+        steps = epochs * -(-len(train) // cfg.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        best_loss = validation_loss(net, val_clean, val_triggered, clean_only, cfg.batch_size)
+        best_state = copy.deepcopy(net.state_dict())
+        out, since_best = FinetuneOutcome(), 0
+        progress.phase("fine-tuning", epochs)
+        for epoch in range(1, epochs + 1):
+            _train_mode_frozen_bn(net)
+            for idx in torch.randperm(len(train), generator=generator).split(cfg.batch_size):
+                x, y = train.images[idx], train.labels[idx].to(device)
+                if cfg.finetune_augment:
+                    x = augment(x, generator)
+                xt = trigger.apply(x).to(device)
+                x = x.to(device)
+                with autocast(device):
+                    clean_logits = net(x)
+                    trig_logits = net(xt)
+                    loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(trig_logits, y)
+                    if away:
+                        loss = loss + away * away_from_target(trig_logits, y, trigger.target)
+                    if distill:
+                        with torch.no_grad():
+                            soft = F.softmax(teacher(x).float(), 1)
+                        log_p = F.log_softmax(clean_logits.float(), 1)
+                        loss = loss + distill * F.kl_div(log_p, soft, reduction="batchmean")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                out.passes += 1
+                if masks is not None:
+                    masks.apply()  # hold the masks: pruned filters cannot regrow
+            net.eval()
+            out.epochs = epoch
+            loss = validation_loss(net, val_clean, val_triggered, clean_only, cfg.batch_size)
+            progress.advance(1, val_loss=round(loss, 4))
+            if loss < best_loss - 1e-4:
+                best_loss, best_state, out.best_epoch, since_best = loss, copy.deepcopy(net.state_dict()), epoch, 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
+        net.load_state_dict(best_state)
+    net.eval()
     return out
