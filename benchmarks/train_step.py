@@ -18,11 +18,14 @@ import torch
 from torch.nn import functional as F
 
 from gradprune_mlflow.benchmark.steps import compare_main, input_shape
+from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.defense.finetune import _train_mode_frozen_bn
 from gradprune_mlflow.defense.metrics import training_layout
 from gradprune_mlflow.models.zoo import create_model
 
 BATCH = 128
+# fast mode's loss weights, as fine-tuning resolves them
+UNLEARN, DISTILL = (SanitizeConfig().resolved(name) for name in ("unlearn_weight", "distill_weight"))
 
 
 def _step(net, teacher, opt, x, xt, y) -> float:
@@ -30,8 +33,8 @@ def _step(net, teacher, opt, x, xt, y) -> float:
     clean, triggered = net(x), net(xt)
     with torch.no_grad():
         soft = F.softmax(teacher(x), 1)
-    loss = F.cross_entropy(clean, y) + 2 * F.cross_entropy(triggered, y)
-    loss = loss + 5 * F.kl_div(F.log_softmax(clean, 1), soft, reduction="batchmean")
+    loss = F.cross_entropy(clean, y) + UNLEARN * F.cross_entropy(triggered, y)
+    loss = loss + DISTILL * F.kl_div(F.log_softmax(clean, 1), soft, reduction="batchmean")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -196,6 +196,8 @@ def test_training_runs_channels_last_on_a_cpu_and_leaves_the_default_layout():
         with torch.no_grad():
             assert torch.allclose(net(x), want, atol=1e-5)
     assert net.features[4].weight.is_contiguous()
+    with training_layout(None) as nothing:  # no teacher: nothing to lay out
+        assert nothing is None
 
 
 def test_a_fine_tuned_model_comes_back_in_the_default_layout(data):

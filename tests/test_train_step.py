@@ -25,4 +25,3 @@ def test_the_channels_last_column_trains_in_the_product_s_layout(monkeypatch):
     default, last = script.layout_seconds("small_cnn", repeats=1)
     assert default > 0 and last > 0
     assert seen == [True, True]  # the model and its teacher
-

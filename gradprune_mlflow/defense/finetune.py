@@ -17,7 +17,6 @@ benchmarks/RESULTS.md ("The away-from-target term").
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -103,7 +102,7 @@ def finetune(
                                                                     "finetune_patience"))
     away = cfg.resolved("away_weight")
     # the teacher only runs forward, which the layout speeds up as well
-    with training_layout(net), training_layout(teacher) if teacher is not None else contextlib.nullcontext():
+    with training_layout(net), training_layout(teacher):
         opt = torch.optim.Adam(net.parameters(), lr=cfg.finetune_lr)
         steps = epochs * -(-len(train) // cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))

@@ -27,11 +27,13 @@ def autocast(device: torch.device):
 
 
 @contextlib.contextmanager
-def training_layout(net: nn.Module):
+def training_layout(net: nn.Module | None):
     """`net`'s weights laid out channels-last for the block when it trains on a CPU, then back to the default layout.
     oneDNN's convolutions and their gradients are faster in it for most architectures (benchmarks/RESULTS.md, "Speed
-    of a trigger-free run"); the function computed is the same up to float rounding. A 3-D conv has no such layout."""
-    convert = next(net.parameters()).device.type == "cpu" and all(p.dim() <= 4 for p in net.parameters())
+    of a trigger-free run"); the function computed is the same up to float rounding. A 3-D conv has no such layout,
+    and None (no model, e.g. no teacher) leaves nothing to lay out."""
+    convert = (net is not None and next(net.parameters()).device.type == "cpu"
+               and all(p.dim() <= 4 for p in net.parameters()))
     if convert:
         net.to(memory_format=torch.channels_last)
     try:
