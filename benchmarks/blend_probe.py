@@ -23,9 +23,10 @@ import torch
 from torch.nn import functional as F
 
 from gradprune_mlflow import lab
+from gradprune_mlflow.defense.fixed_blend import fixed_strength_blend
 from gradprune_mlflow.defense.normalize import Normalized
 from gradprune_mlflow.defense.progress import SilentProgress
-from gradprune_mlflow.defense.synthesis import anomaly_index, fixed_strength_blend, synthesize
+from gradprune_mlflow.defense.synthesis import anomaly_index, synthesize
 
 
 def to_target(net, x: torch.Tensor) -> float:

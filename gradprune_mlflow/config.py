@@ -122,11 +122,16 @@ class SanitizeConfig:
     flag_slope: float = 3.0
     flag_threshold: float = 0.5
     suspect_threshold: float = 0.4
+    # Detection first searches every class for half of synth_steps and reads the evidence there: a class whose flag
+    # score already reaches this is flagged, and only its rows search on (for the triggers it is unlearned with).
+    # Below it, every class searches the whole budget and the evidence is read again. Set above every development
+    # clean model's score at the half budget (benchmarks/RESULTS.md, "Early flags"); None searches the whole budget.
+    decisive_score: float | None = 0.6
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
     recheck_rounds: int = 2
     # When the blend family is flagged: steps of the search for a whole-image pattern that works at the noise probe's
-    # fixed strength (gradprune_mlflow.defense.synthesis.fixed_strength_blend); its patterns are unlearned with the
+    # fixed strength (gradprune_mlflow.defense.fixed_blend.fixed_strength_blend); its patterns are unlearned with the
     # rest. 0 turns it off.
     fixed_blend_steps: int = 300
     # Trigger-free mode: after sanitizing, search the sanitized model for a backdoor again, independently of what was
@@ -203,6 +208,10 @@ class SanitizeConfig:
         if not 0.0 < self.suspect_threshold <= self.flag_threshold < 1.0:
             raise BadInput("suspect_threshold and flag_threshold must satisfy 0 < suspect_threshold <= flag_threshold "
                            f"< 1, got {self.suspect_threshold!r} and {self.flag_threshold!r}")
+        if self.decisive_score is not None and (
+                isinstance(self.decisive_score, bool) or not isinstance(self.decisive_score, int | float)
+                or not self.flag_threshold <= self.decisive_score <= 1.0):
+            raise BadInput(f"decisive_score must be in [flag_threshold, 1], or unset; got {self.decisive_score!r}")
         if not isinstance(self.verify, bool):
             raise BadInput(f"verify must be true or false, got {self.verify!r}")
         for name in ("synth_steps", "synth_restarts", "verify_steps", "verify_restarts"):

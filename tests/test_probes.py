@@ -190,3 +190,40 @@ def test_a_class_the_warp_probe_leads_is_flagged_and_unlearned_with_its_warps():
     # without the warp probe the same evidence flags nothing, and the report has no warp entry
     quiet, _ = decide(detect([patch, blend], 2.0), [patch, blend], QUIET, [0.01] * K, THRESHOLDS)
     assert not quiet.flagged and "warp" not in quiet.to_report()["probes"]
+
+
+def _search(model, clean_set, **settings):
+    from gradprune_mlflow.config import SanitizeConfig
+    from gradprune_mlflow.defense.probes import find_backdoor
+    from gradprune_mlflow.defense.progress import SilentProgress
+
+    net = Normalized(copy.deepcopy(model), clean_set.meta.mean, clean_set.meta.std).eval()
+    cfg = SanitizeConfig(seed=0, device="cpu", synth_steps=40, synth_restarts=1, warp_steps=10).with_overrides(
+        **settings)
+    return find_backdoor(net, clean_set.as_split(), K, cfg, torch.Generator().manual_seed(0), SilentProgress())
+
+
+def test_decisive_evidence_flags_at_half_the_steps_and_other_evidence_is_read_at_the_whole_budget(blend_cnn,
+                                                                                                 clean_cnn,
+                                                                                                 clean_set):
+    """The Blend model's noise response is decisive at the first reading: flagged there, its class searched on.
+    The clean model's is not: its evidence is the whole budget's, as a search without early flags reads it."""
+    early = _search(blend_cnn, clean_set)
+    assert early.detection.flagged and early.detection.target == 0 and early.detection.steps == 20
+    assert early.detection.score["value"] >= 0.6 and early.detection.to_report()["search_steps"] == 20
+    assert all(r.masks.shape[1] == K for r in early.results)  # every class's sizes are still there
+    plain, staged = _search(clean_cnn, clean_set, decisive_score=None), _search(clean_cnn, clean_set)
+    assert staged.detection.steps == plain.detection.steps == 40
+    assert staged.detection.score == plain.detection.score
+    for a, b in zip(staged.results, plain.results, strict=True):
+        assert torch.equal(a.sizes, b.sizes) and torch.equal(a.masks, b.masks)
+
+
+def test_an_early_flag_below_the_flag_threshold_is_refused():
+    from gradprune_mlflow.config import SanitizeConfig
+    from gradprune_mlflow.errors import BadInput
+
+    assert SanitizeConfig().with_overrides(decisive_score=0.9).decisive_score == 0.9
+    for bad in (0.3, 1.5, True, "high"):
+        with pytest.raises(BadInput, match="decisive_score"):
+            SanitizeConfig().with_overrides(decisive_score=bad)

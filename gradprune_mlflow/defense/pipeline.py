@@ -163,10 +163,10 @@ def run_sanitize(
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
         # what trigger-free mode's searches computed in: search_precision as this machine resolved it
         "search_precision": found.precision if found else None,
-        # one search per family over every class, then one per family over the flagged class per recheck, and the
-        # fixed-strength blend search when it ran
-        "synthesis_steps": cfg.synth_steps * cfg.synth_restarts * len(FAMILIES) * (1 + len(rechecks))
-        + found.fixed_steps * cfg.synth_restarts if found else 0,
+        # one search per family (every class, or after an early flag the flagged class alone for its second half),
+        # then one per family over the flagged class per recheck, and the fixed-strength blend search when it ran
+        "synthesis_steps": ((cfg.synth_steps + found.detection.steps * len(rechecks)) * len(FAMILIES)
+                            + found.fixed_steps) * cfg.synth_restarts if found else 0,
         "evaluated_on": evaluated_on,
         "evaluated_images": len(data),
         "clean_set": {"name": meta.name, "images": len(clean_set), "train": len(train), "validation": len(val),

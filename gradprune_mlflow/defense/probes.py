@@ -21,10 +21,18 @@ from gradprune_mlflow.config import warp_steps
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.evidence import Thresholds, flag_score, strengths
 from gradprune_mlflow.defense.metrics import batch_for
-from gradprune_mlflow.defense.patch_probe import PatchHit, patch_probe
+from gradprune_mlflow.defense.patch_probe import PatchHit, patch_probe, plain_hits
 from gradprune_mlflow.defense.progress import Progress
 from gradprune_mlflow.defense.searchnet import search_copy
-from gradprune_mlflow.defense.synthesis import FAMILIES, Detection, FamilyResult, anomaly_index, detect, synthesize
+from gradprune_mlflow.defense.synthesis import (
+    FAMILIES,
+    Detection,
+    FamilyResult,
+    FamilySearch,
+    anomaly_index,
+    detect,
+    with_class,
+)
 from gradprune_mlflow.defense.unlearning import NoiseBlend
 from gradprune_mlflow.defense.warp import WarpHit, warp_probe
 
@@ -158,15 +166,39 @@ class Search(NamedTuple):
 def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator: torch.Generator, progress: Progress
                   ) -> Search:
     """Search both families for every class, run the probes and decide. `cfg` names synth_steps, synth_restarts,
-    warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig)."""
+    warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig), and may name
+    decisive_score: the evidence is then read at half the steps first, and a class that scores at least that is
+    flagged there, only its rows searching the rest of the budget (Detection.steps says where it was read)."""
     net = search_copy(net, data.images[:8], cfg.search_precision)
-    results = [synthesize(net, data.images, data.labels, num_classes, family, steps=cfg.synth_steps,
-                          restarts=cfg.synth_restarts, generator=generator, progress=progress)
-               for family in FAMILIES]
-    hits = patch_probe(net, data, next(r for r in results if r.family == "patch"))
+    searches = [FamilySearch(net, data.images, data.labels, num_classes, family, restarts=cfg.synth_restarts,
+                             generator=generator) for family in FAMILIES]
     noise = noise_responses(net, data, num_classes, cfg.seed)
     steps = warp_steps(cfg)
     warp = warp_probe(net, data, num_classes, steps=steps, restarts=cfg.synth_restarts, progress=progress,
                       generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED)) if steps else None
+    scanned = plain_hits(net, data, num_classes)
+    decisive = getattr(cfg, "decisive_score", None)
+    first = cfg.synth_steps // 2 if decisive is not None and cfg.synth_steps >= 2 else cfg.synth_steps
+    for search in searches:
+        search.run(first, progress)
+    found = _read(net, data, searches, noise, warp, scanned, cfg)
+    if first == cfg.synth_steps:
+        return found
+    if found.detection.flagged and found.detection.score["value"] >= decisive:
+        target = found.detection.target
+        for search in searches:  # the flagged class's triggers get the whole budget; the evidence stays as read
+            search.keep([target])
+            search.run(cfg.synth_steps - first, progress)
+        results = [with_class(r, s.result(), target) for r, s in zip(found.results, searches, strict=True)]
+        return found._replace(results=results)
+    for search in searches:
+        search.run(cfg.synth_steps - first, progress)
+    return _read(net, data, searches, noise, warp, scanned, cfg)
+
+
+def _read(net, data, searches, noise, warp, scanned, cfg) -> Search:
+    """The evidence of the searches as they stand, with the probes that read them, and the decision."""
+    results = [s.result() for s in searches]
+    hits = patch_probe(net, data, next(r for r in results if r.family == "patch"), scanned=scanned)
     detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise, Thresholds.of(cfg), warp)
-    return Search(detection, results, hit, noise, warp)
+    return Search(replace(detection, steps=searches[0].steps), results, hit, noise, warp)

@@ -122,63 +122,117 @@ def synthesize(
 
     The net is unchanged. The result's class axis follows `classes` when given (column j is class classes[j]).
     """
-    fam = FAMILIES[family]
-    device = next(net.parameters()).device
-    searched = torch.arange(num_classes) if classes is None else torch.tensor(classes)
-    k = len(searched)
-    rows, shape = restarts * k, tuple(images.shape[1:])
-    target = searched.repeat(restarts).to(device)  # row r*k + j -> class searched[j]
-    params = [p.to(device).requires_grad_() for p in fam.init(rows, shape, generator)]
-    opt = torch.optim.Adam(params, lr=0.1, betas=(0.5, 0.9))
-    lam = torch.full((rows,), 1e-2, device=device)
-    best_size = torch.full((rows,), float("inf"), device=device)
-    best = [p.detach().clone() for p in fam.parts(params)]
-    wins = torch.zeros(rows, device=device)
-    per_pass = max(1, batch_for(device) // BATCH)  # rows per forward pass
-    chunks = [slice(r, r + per_pass) for r in range(0, rows, per_pass)]
-    progress.phase(f"synthesis ({family})", steps)
-    with _frozen(net):
-        for step in range(1, steps + 1):
-            idx = torch.randint(len(images), (BATCH,), generator=generator)
-            x, y = images[idx].to(device), labels[idx].to(device)
-            mask, pattern = fam.parts(params)
-            other = (y[None] != target[:, None]).float()  # images already of class k prove nothing
-            size = fam.size(params)
-            opt.zero_grad(set_to_none=True)
-            parts = []
-            for rs in chunks:  # rows are independent: one backward per chunk gives the same gradients
-                xs = (1 - mask[rs, None]) * x[None] + mask[rs, None] * pattern[rs, None]  # (rows, B, C, H, W)
-                logits = net(xs.flatten(0, 1)).view(len(xs), BATCH, -1)
-                ce = F.cross_entropy(logits.flatten(0, 1), target[rs].repeat_interleave(BATCH),
-                                     reduction="none").view(len(xs), -1)
-                (ce * other[rs]).sum(1).div(other[rs].sum(1).clamp_min(1)).sum().backward(retain_graph=True)
-                parts.append(logits.detach())
-            (lam * size).sum().backward()
-            opt.step()
-            out = torch.cat(parts)
-            with torch.no_grad():
-                hit = ((out.argmax(2) == target[:, None]).float() * other).sum(1) / other.sum(1).clamp_min(1)
-                ok = hit >= SUCCESS
-                wins += ok.float()
-                improved = ok & (size < best_size)
-                best_size = torch.where(improved, size, best_size)
-                # keep the trigger that was measured (before this step's update), not the updated one
-                best[0][improved], best[1][improved] = mask.detach()[improved], pattern.detach()[improved]
-                if step % 10 == 0:  # re-weight the penalty: smaller while it works, weaker while it fails
-                    lam = torch.where(wins >= 8, lam * 1.5, lam / 1.5).clamp(1e-4, 10.0)
-                    wins.zero_()
-            progress.advance(1)
-    with torch.no_grad():
-        worked = torch.isfinite(best_size)
-        final_m, final_p = fam.parts(params)
-        best[0][~worked], best[1][~worked] = final_m[~worked], final_p[~worked]
-        sizes = torch.where(worked, best_size, fam.size(params))
-    c, h, w = shape
-    return FamilyResult(
-        family, sizes.view(restarts, k).cpu(), worked.view(restarts, k).cpu(),
-        best[0].view(restarts, k, 1, h, w).cpu(), best[1].view(restarts, k, c, h, w).cpu(),
-        None if classes is None else list(classes),
-    )
+    search = FamilySearch(net, images, labels, num_classes, family, restarts=restarts, generator=generator,
+                          classes=classes)
+    search.run(steps, progress)
+    return search.result()
+
+
+class FamilySearch:
+    """One family's search, resumable: run(steps) goes on where the last call stopped, keep(classes) drops every
+    other class's rows, result() gives the best triggers so far. Each row's optimiser state and penalty are its own
+    and the search draws its images from its own generator (seeded from `generator`), so a row searched in two
+    calls, or after keep, follows the path it would have followed in one call over every class."""
+
+    def __init__(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, family: str, *,
+                 restarts: int, generator: torch.Generator, classes: list[int] | None = None):
+        self.net, self.images, self.labels, self.family = net, images, labels, family
+        self.fam = FAMILIES[family]
+        self.device = next(net.parameters()).device
+        self.all_classes = classes is None
+        self.classes = list(range(num_classes)) if classes is None else list(classes)
+        self.restarts, self.steps = restarts, 0
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        rows, shape = restarts * len(self.classes), tuple(images.shape[1:])
+        self.target = torch.tensor(self.classes).repeat(restarts).to(self.device)  # row r*k + j -> class j
+        self.params = [p.to(self.device).requires_grad_() for p in self.fam.init(rows, shape, self.generator)]
+        self.opt = torch.optim.Adam(self.params, lr=0.1, betas=(0.5, 0.9))
+        self.lam = torch.full((rows,), 1e-2, device=self.device)
+        self.best_size = torch.full((rows,), float("inf"), device=self.device)
+        self.best = [p.detach().clone() for p in self.fam.parts(self.params)]
+        self.wins = torch.zeros(rows, device=self.device)
+
+    def run(self, steps: int, progress: Progress) -> None:
+        """`steps` more steps for every row left."""
+        fam, net, target = self.fam, self.net, self.target
+        per_pass = max(1, batch_for(self.device) // BATCH)  # rows per forward pass
+        chunks = [slice(r, r + per_pass) for r in range(0, len(target), per_pass)]
+        progress.phase(f"synthesis ({self.family})", steps)
+        with _frozen(net):
+            for _ in range(steps):
+                self.steps += 1
+                idx = torch.randint(len(self.images), (BATCH,), generator=self.generator)
+                x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
+                mask, pattern = fam.parts(self.params)
+                other = (y[None] != target[:, None]).float()  # images already of class k prove nothing
+                size = fam.size(self.params)
+                self.opt.zero_grad(set_to_none=True)
+                parts = []
+                for rs in chunks:  # rows are independent: one backward per chunk gives the same gradients
+                    xs = (1 - mask[rs, None]) * x[None] + mask[rs, None] * pattern[rs, None]  # (rows, B, C, H, W)
+                    logits = net(xs.flatten(0, 1)).view(len(xs), BATCH, -1)
+                    ce = F.cross_entropy(logits.flatten(0, 1), target[rs].repeat_interleave(BATCH),
+                                         reduction="none").view(len(xs), -1)
+                    (ce * other[rs]).sum(1).div(other[rs].sum(1).clamp_min(1)).sum().backward(retain_graph=True)
+                    parts.append(logits.detach())
+                (self.lam * size).sum().backward()
+                self.opt.step()
+                out = torch.cat(parts)
+                with torch.no_grad():
+                    hit = ((out.argmax(2) == target[:, None]).float() * other).sum(1) / other.sum(1).clamp_min(1)
+                    ok = hit >= SUCCESS
+                    self.wins += ok.float()
+                    improved = ok & (size < self.best_size)
+                    self.best_size = torch.where(improved, size, self.best_size)
+                    # keep the trigger that was measured (before this step's update), not the updated one
+                    self.best[0][improved] = mask.detach()[improved]
+                    self.best[1][improved] = pattern.detach()[improved]
+                    if self.steps % 10 == 0:  # re-weight the penalty: smaller while it works, weaker while it fails
+                        self.lam = torch.where(self.wins >= 8, self.lam * 1.5, self.lam / 1.5).clamp(1e-4, 10.0)
+                        self.wins.zero_()
+                progress.advance(1)
+
+    def keep(self, classes: list[int]) -> None:
+        """Search on for `classes` alone (a subset of this search's), each row where it stands."""
+        k = len(self.classes)
+        rows = torch.tensor([r * k + self.classes.index(c) for r in range(self.restarts) for c in classes])
+        kept = [p.detach()[rows].clone().requires_grad_() for p in self.params]
+        opt = torch.optim.Adam(kept, **{key: self.opt.defaults[key] for key in ("lr", "betas")})
+        for old, new in zip(self.params, kept, strict=True):
+            state = self.opt.state.get(old)
+            if state:  # Adam's moments are per element: the kept rows' own
+                opt.state[new] = {key: v if v.ndim == 0 else v[rows].clone() for key, v in state.items()}
+        self.params, self.opt = kept, opt
+        self.target, self.lam, self.best_size, self.wins = (t[rows] for t in (self.target, self.lam, self.best_size,
+                                                                              self.wins))
+        self.best = [b[rows] for b in self.best]
+        self.classes, self.all_classes = list(classes), False
+
+    def result(self) -> FamilyResult:
+        """The smallest working trigger of each row so far (the current one where none worked yet)."""
+        with torch.no_grad():
+            worked = torch.isfinite(self.best_size)
+            final_m, final_p = self.fam.parts(self.params)
+            masks, patterns = self.best[0].clone(), self.best[1].clone()
+            masks[~worked], patterns[~worked] = final_m[~worked], final_p[~worked]
+            sizes = torch.where(worked, self.best_size, self.fam.size(self.params))
+        r, k = self.restarts, len(self.classes)
+        c, h, w = self.images.shape[1:]
+        return FamilyResult(self.family, sizes.view(r, k).cpu(), worked.view(r, k).cpu(),
+                            masks.view(r, k, 1, h, w).cpu(), patterns.view(r, k, c, h, w).cpu(),
+                            None if self.all_classes else list(self.classes))
+
+
+def with_class(result: FamilyResult, searched_on: FamilyResult, k: int) -> FamilyResult:
+    """`result` with class k's triggers (masks, patterns, whether they worked) taken from `searched_on`, a search of
+    class k that went on from where `result` stood. The sizes stay `result`'s, so that class k's anomaly index is
+    still measured against the other classes at one budget."""
+    j, src = result.column(k), searched_on.column(k)
+    worked, masks, patterns = result.worked.clone(), result.masks.clone(), result.patterns.clone()
+    worked[:, j] = searched_on.worked[:, src]
+    masks[:, j] = searched_on.masks[:, src]
+    patterns[:, j] = searched_on.patterns[:, src]
+    return FamilyResult(result.family, result.sizes, worked, masks, patterns, result.classes)
 
 
 def anomaly_index(sizes: torch.Tensor) -> torch.Tensor:
@@ -199,11 +253,12 @@ class Detection:
     flagged_by: str | None = None
     probes: dict | None = None  # the probes' per-class responses (gradprune_mlflow.defense.probes)
     score: dict | None = None  # the flag score, its verdict and each detector's part (defense/evidence.py)
+    steps: int | None = None  # the search steps a restart had taken where the evidence was read
 
     def to_report(self) -> dict:
         return {"target": self.target, "anomaly_index": round(self.anomaly_index, 4), "flagged": self.flagged,
                 "flagged_by": self.flagged_by, "family": self.family, "score": self.score,
-                "per_family": self.per_family, "probes": self.probes}
+                "search_steps": self.steps, "per_family": self.per_family, "probes": self.probes}
 
 
 def detect(results: list[FamilyResult], threshold: float) -> Detection:
@@ -219,48 +274,3 @@ def detect(results: list[FamilyResult], threshold: float) -> Detection:
             best = (float(idx[k]), k, res.family)
     flagged = best[0] > threshold
     return Detection(best[1], best[0], flagged, best[2], per_family, "anomaly_index" if flagged else None)
-
-
-def fixed_strength_blend(
-    net: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    target: int,
-    alpha: float,
-    *,
-    steps: int,
-    restarts: int,
-    generator: torch.Generator,
-    progress: Progress,
-) -> list[MaskTrigger]:
-    """Whole-image patterns that, blended in at the fixed strength `alpha`, send other classes' images to `target`:
-    one per restart, each started from uniform noise (universal adversarial blends towards the class).
-
-    The blend family's search shrinks the strength until its pattern barely works, which gives patterns far from
-    the attacker's (benchmarks/blend_probe.py). At a fixed strength there is nothing to shrink, and the search ends
-    on patterns that work at the strength a noise-like trigger has. They are not the attacker's image either (their
-    correlation with it is measured by benchmarks/blend_probe.py), but unlearning them removes more of what a Blend
-    model has learned from it than fresh noise does (docs/algorithm.md, "The trigger").
-    """
-    device = next(net.parameters()).device
-    others = images[labels != target]
-    if len(others) == 0:
-        return []
-    shape = tuple(images.shape[1:])
-    start = torch.rand(restarts, *shape, generator=generator).clamp(0.02, 0.98)
-    param = torch.logit(start).to(device).requires_grad_()
-    opt = torch.optim.Adam([param], lr=0.05)
-    y = torch.full((restarts * BATCH,), target, device=device)
-    progress.phase("synthesis (fixed-strength blend)", steps)
-    with _frozen(net):
-        for _ in range(steps):
-            x = others[torch.randint(len(others), (BATCH,), generator=generator)].to(device)
-            xs = (1 - alpha) * x[None] + alpha * torch.sigmoid(param)[:, None]  # (restarts, B, C, H, W)
-            loss = F.cross_entropy(net(xs.flatten(0, 1)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            progress.advance(1)
-    mask = torch.full((1, *shape[1:]), float(alpha))
-    return [MaskTrigger(target, mask, pattern, source="synthesized-fixed-blend")
-            for pattern in torch.sigmoid(param).detach().cpu()]

@@ -16,17 +16,12 @@ from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.agnostic import with_agnostic
 from gradprune_mlflow.defense.finetune import finetune
+from gradprune_mlflow.defense.fixed_blend import fixed_strength_blend
 from gradprune_mlflow.defense.patch_probe import PatchHit, densest_square, square
 from gradprune_mlflow.defense.probes import NOISE_ALPHA, Search, find_backdoor
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.searchnet import precision_of, search_copy
-from gradprune_mlflow.defense.synthesis import (
-    Detection,
-    FamilyResult,
-    anomaly_index,
-    fixed_strength_blend,
-    synthesize,
-)
+from gradprune_mlflow.defense.synthesis import Detection, FamilyResult, anomaly_index, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger
 from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, extended, triggered_copy
 from gradprune_mlflow.defense.warp import WarpHit
@@ -105,9 +100,10 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
     Unlearning makes a model immune to the triggers it was shown, while the real one can survive (a reverse-engineered
     patch is rarely the attacker's). So after fine-tuning, the flagged class alone (cheap: one class's rows) is searched
     again in every family; each new size gets an anomaly index against the other classes' sizes of its family from
-    the first search. While one is above the threshold, the new triggers join the unlearning mix and fine-tuning runs
-    again. Returns (rechecks, the last fine-tuning outcome, the last unlearning mix); each recheck is {"round", "size",
-    "anomaly_index", "repeated"} for the family with the largest index (and "family").
+    the first search, searched as long as those were where their evidence was read. While one is above the threshold,
+    the new triggers join the unlearning mix and fine-tuning runs again. Returns (rechecks, the last fine-tuning
+    outcome, the last unlearning mix); each recheck is {"round", "size", "anomaly_index", "repeated"} for the family
+    with the largest index (and "family").
     """
     rechecks = []
     target = detection.target
@@ -117,8 +113,8 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
         for family in families:
             col = family.column(target)
             again = synthesize(searched, train.images, train.labels, len(family.sizes[0]), family.family,
-                               steps=cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen, progress=progress,
-                               classes=[target])
+                               steps=detection.steps or cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen,
+                               progress=progress, classes=[target])
             sizes = family.class_sizes().clone()
             sizes[col] = again.class_sizes()[0]
             found.append((float(anomaly_index(sizes)[col]), float(sizes[col]), family.family, again))

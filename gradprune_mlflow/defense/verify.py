@@ -74,7 +74,9 @@ def verify(net: nn.Module, val: Split, num_classes: int, cfg, progress: Progress
     generator = torch.Generator().manual_seed(seed)
     # find_backdoor searches a frozen copy of `net`; the found trigger is measured on `net` itself (eval mode, no
     # gradients), so the rate is the sanitized model's own
-    budget = replace(cfg, seed=seed, synth_steps=verify_steps(cfg), synth_restarts=cfg.verify_restarts)
+    # one reading of the evidence at the end of its budget: an early flag would only end a failing search sooner
+    budget = replace(cfg, seed=seed, synth_steps=verify_steps(cfg), synth_restarts=cfg.verify_restarts,
+                     decisive_score=None)
     detection, results, hit, _, _ = find_backdoor(net, val, num_classes, budget, generator, progress)
     if hit is not None:
         trigger: Trigger = hit.trigger
