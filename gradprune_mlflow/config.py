@@ -125,7 +125,8 @@ class SanitizeConfig:
     # Detection first searches every class for half of synth_steps and reads the evidence there: a class whose flag
     # score already reaches this is flagged, and only its rows search on (for the triggers it is unlearned with).
     # Below it, every class searches the whole budget and the evidence is read again. Set above every development
-    # clean model's score at the half budget (benchmarks/RESULTS.md, "Early flags"); None searches the whole budget.
+    # clean model's score at the half budget (benchmarks/RESULTS.md, "Early flags"). Above 1 (no score reaches it),
+    # or None, every class searches the whole budget.
     decisive_score: float | None = 0.6
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.
@@ -210,8 +211,9 @@ class SanitizeConfig:
                            f"< 1, got {self.suspect_threshold!r} and {self.flag_threshold!r}")
         if self.decisive_score is not None and (
                 isinstance(self.decisive_score, bool) or not isinstance(self.decisive_score, int | float)
-                or not self.flag_threshold <= self.decisive_score <= 1.0):
-            raise BadInput(f"decisive_score must be in [flag_threshold, 1], or unset; got {self.decisive_score!r}")
+                or self.decisive_score < self.flag_threshold):
+            raise BadInput(f"decisive_score must be a number >= flag_threshold (above 1: no early flags), got "
+                           f"{self.decisive_score!r}")
         if not isinstance(self.verify, bool):
             raise BadInput(f"verify must be true or false, got {self.verify!r}")
         for name in ("synth_steps", "synth_restarts", "verify_steps", "verify_restarts"):

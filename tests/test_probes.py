@@ -224,6 +224,7 @@ def test_an_early_flag_below_the_flag_threshold_is_refused():
     from gradprune_mlflow.errors import BadInput
 
     assert SanitizeConfig().with_overrides(decisive_score=0.9).decisive_score == 0.9
-    for bad in (0.3, 1.5, True, "high"):
+    assert SanitizeConfig().with_overrides(decisive_score=2).decisive_score == 2  # no early flags
+    for bad in (0.3, True, "high"):
         with pytest.raises(BadInput, match="decisive_score"):
             SanitizeConfig().with_overrides(decisive_score=bad)
