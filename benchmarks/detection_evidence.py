@@ -76,7 +76,8 @@ def class_evidence(model, clean, seed: int, options: dict | None = None) -> dict
         out[f"{family}_index"] = [round(float(idx[res.column(c)]), 4) for c in range(k)]
         out[f"{family}_relative"] = [round(relative_size(res, c), 4) for c in range(k)]
     return {"flagged": detection.flagged, "flagged_target": detection.target if detection.flagged else None,
-            "flagged_by": detection.flagged_by, "detection_seconds": seconds, "classes": out}
+            "flagged_by": detection.flagged_by, "detection_seconds": seconds, "search_steps": detection.steps,
+            "classes": out}
 
 
 def _target(attack: str, trigger) -> int | None:

@@ -40,7 +40,8 @@ PREFIX = "gradprune/"
 CONFIG_KEYS = {"model_uri", "mean", "std", "input_shape", "eval_trigger", "synthesize", "synth_steps", "synth_restarts",
                "anomaly_threshold", "relative_size", "patch_threshold", "patch_margin",
                "noise_threshold", "warp_threshold",
-               "warp_steps", "search_precision", "flag_slope", "flag_threshold", "suspect_threshold", "seed", "device"}
+               "warp_steps", "search_precision", "flag_slope", "flag_threshold", "suspect_threshold", "decisive_score",
+               "seed", "device"}
 # Pixels un-normalised with mean/std must land in [0, 1]; this much float noise is tolerated.
 PIXEL_SLACK = 1e-3
 
@@ -68,6 +69,7 @@ class EvalConfig:
     flag_slope: float = SanitizeConfig.flag_slope
     flag_threshold: float = SanitizeConfig.flag_threshold
     suspect_threshold: float = SanitizeConfig.suspect_threshold
+    decisive_score: float | None = SanitizeConfig.decisive_score
     seed: int = 0
     device: str = "auto"
 
@@ -84,6 +86,11 @@ class EvalConfig:
                 raw[key] = _floats(raw[key], key)
         if raw.get("search_precision", "auto") not in PRECISIONS:
             raise BadInput(f"gradprune evaluator: search_precision must be one of {', '.join(PRECISIONS)}")
+        decisive = raw.get("decisive_score")
+        if decisive is not None and (isinstance(decisive, bool) or not isinstance(decisive, int | float)
+                                     or decisive < raw.get("flag_threshold", SanitizeConfig.flag_threshold)):
+            raise BadInput("gradprune evaluator: decisive_score must be a number >= flag_threshold (above 1: no "
+                           "early flags)")
         if any(s <= 0 for s in raw.get("std", (1.0,))):
             raise BadInput("gradprune evaluator: std values must be positive")
         if raw.get("input_shape") is not None:

@@ -43,6 +43,8 @@ def _variant(overrides: dict):
             "anomaly_index": det.get("anomaly_index", ""),
             # the flag score (the detection table's score) and its verdict: flagged, suspect or clean
             "flag_score": score.get("value", ""), "verdict": score.get("verdict", ""),
+            # where the evidence was read: half of synth_steps for an early flag (docs/algorithm.md)
+            "search_steps": det.get("search_steps", ""),
             # the independent search after sanitizing (defense/verify.py): passed, failed, measured or not run
             "verification": (rep.get("verification") or {}).get("verdict", ""),
             "timings": rep["timings"],  # seconds per phase (report.json's)
