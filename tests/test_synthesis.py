@@ -121,12 +121,9 @@ def test_rows_searched_in_several_passes_give_what_one_pass_gives(net, clean_set
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-4)
 
 
-# Regression (fixed library bug, gradprune_mlflow/defense/synthesis.py, synthesize, lines 113-130): the success
-# test and the size are
-# taken from the forward pass BEFORE `opt.step()` (lines 113-119), but the "best" mask and pattern are read with
-# `fam.parts(params)` AFTER it (line 129). The trigger kept per class is therefore one Adam step later than the one
-# that worked: its mask no longer has the recorded size, and it is not guaranteed to reach the target. Fix: keep
-# `mask.detach()` / `pattern.detach()` from line 113 instead of recomputing them after the step.
+# A search step measures success and size on the mask and pattern before its Adam step; the trigger kept for a row
+# must be that measured one (FamilySearch.run keeps `mask.detach()`), not the one the step moved on to, whose size
+# is not the recorded one and which need not reach the target.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["patch", "blend"])
 def test_the_kept_trigger_is_the_one_whose_size_was_recorded(net, clean_set, name):
