@@ -122,8 +122,9 @@ class SanitizeConfig:
     flag_slope: float = 3.0
     flag_threshold: float = 0.5
     suspect_threshold: float = 0.4
-    # Detection first searches every class for half of synth_steps and reads the evidence there: a class whose flag
-    # score already reaches this is flagged, and only its rows search on (for the triggers it is unlearned with).
+    # Detection first searches every class for half of synth_steps and reads the evidence there: a class flagged
+    # there whose flag score also reaches this is flagged for good, and only its rows search on (for the triggers it
+    # is unlearned with); below flag_threshold, any flag at that reading is.
     # Below it, every class searches the whole budget and the evidence is read again. Set above every development
     # clean model's score at the half budget (benchmarks/RESULTS.md, "Early flags"). Above 1 (no score reaches it),
     # or None, every class searches the whole budget.
@@ -211,8 +212,8 @@ class SanitizeConfig:
                            f"< 1, got {self.suspect_threshold!r} and {self.flag_threshold!r}")
         if self.decisive_score is not None and (
                 isinstance(self.decisive_score, bool) or not isinstance(self.decisive_score, int | float)
-                or self.decisive_score < self.flag_threshold):
-            raise BadInput(f"decisive_score must be a number >= flag_threshold (above 1: no early flags), got "
+                or self.decisive_score < 0):
+            raise BadInput(f"decisive_score must be a number >= 0 (above 1: no early flags), got "
                            f"{self.decisive_score!r}")
         if not isinstance(self.verify, bool):
             raise BadInput(f"verify must be true or false, got {self.verify!r}")

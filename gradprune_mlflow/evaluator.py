@@ -88,9 +88,8 @@ class EvalConfig:
             raise BadInput(f"gradprune evaluator: search_precision must be one of {', '.join(PRECISIONS)}")
         decisive = raw.get("decisive_score")
         if decisive is not None and (isinstance(decisive, bool) or not isinstance(decisive, int | float)
-                                     or decisive < raw.get("flag_threshold", SanitizeConfig.flag_threshold)):
-            raise BadInput("gradprune evaluator: decisive_score must be a number >= flag_threshold (above 1: no "
-                           "early flags)")
+                                     or decisive < 0):
+            raise BadInput("gradprune evaluator: decisive_score must be a number >= 0 (above 1: no early flags)")
         if any(s <= 0 for s in raw.get("std", (1.0,))):
             raise BadInput("gradprune evaluator: std values must be positive")
         if raw.get("input_shape") is not None:

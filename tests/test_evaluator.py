@@ -103,7 +103,7 @@ def test_next_to_the_default_evaluator_on_a_predictions_column(logged_badnets, f
     ({"mean": [0.286], "std": [0.353], "bogus": 1}, r"unknown evaluator_config key\(s\) \['bogus'\]"),
     ({"mean": [0.286], "std": [0]}, "std values must be positive"),
     ({"mean": [0.286], "std": [0.353], "search_precision": "fp16"}, "search_precision must be one of auto, fp32, bf16"),
-    ({"mean": [0.286], "std": [0.353], "decisive_score": 0.2}, "decisive_score must be a number >= flag_threshold"),
+    ({"mean": [0.286], "std": [0.353], "decisive_score": -1}, "decisive_score must be a number >= 0"),
     ({"mean": [0.286], "std": [0.353], "input_shape": [3, 28, 28]}, "each row must hold 2352 pixel values"),
 ])
 def test_bad_config_says_what_to_fix(logged_badnets, frame, config, message, experiment):

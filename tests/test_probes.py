@@ -219,12 +219,14 @@ def test_decisive_evidence_flags_at_half_the_steps_and_other_evidence_is_read_at
         assert torch.equal(a.sizes, b.sizes) and torch.equal(a.masks, b.masks)
 
 
-def test_an_early_flag_below_the_flag_threshold_is_refused():
+def test_decisive_score_takes_any_number_from_zero_and_refuses_the_rest():
     from gradprune_mlflow.config import SanitizeConfig
     from gradprune_mlflow.errors import BadInput
 
     assert SanitizeConfig().with_overrides(decisive_score=0.9).decisive_score == 0.9
     assert SanitizeConfig().with_overrides(decisive_score=2).decisive_score == 2  # no early flags
-    for bad in (0.3, True, "high"):
+    # a flag threshold raised above it alone is no contradiction: any flag at the first reading then holds
+    assert SanitizeConfig().with_overrides(flag_threshold=0.95).decisive_score == 0.6
+    for bad in (-0.1, True, "high"):
         with pytest.raises(BadInput, match="decisive_score"):
             SanitizeConfig().with_overrides(decisive_score=bad)
