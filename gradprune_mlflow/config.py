@@ -122,12 +122,12 @@ class SanitizeConfig:
     flag_slope: float = 3.0
     flag_threshold: float = 0.5
     suspect_threshold: float = 0.4
-    # Detection first searches every class for half of synth_steps and reads the evidence there: a class flagged
-    # there whose flag score also reaches this is flagged for good, and only its rows search on (for the triggers it
-    # is unlearned with); below flag_threshold, any flag at that reading is.
-    # Below it, every class searches the whole budget and the evidence is read again. Set above every development
-    # clean model's score at the half budget (benchmarks/RESULTS.md, "Early flags"). Above 1 (no score reaches it),
-    # or None, every class searches the whole budget.
+    # Detection first searches every class for half of synth_steps and reads the evidence there. A class flagged at
+    # that reading with a flag score of at least this stays flagged, and only its rows search on (for the triggers
+    # it is unlearned with); otherwise every class searches the whole budget and the evidence is read again. Set
+    # above every development clean model's score at the half budget (benchmarks/RESULTS.md, "Early flags"). Above 1
+    # (no score reaches it), or None, every model is read at the whole budget; below flag_threshold, any flag at the
+    # first reading stays.
     decisive_score: float | None = 0.6
     # After fine-tuning, search the flagged class's trigger again (at most this many times); while one is still
     # anomalously small, unlearn it too and fine-tune again. 0 turns the check off.

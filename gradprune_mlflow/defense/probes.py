@@ -166,9 +166,10 @@ class Search(NamedTuple):
 def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator: torch.Generator, progress: Progress
                   ) -> Search:
     """Search both families for every class, run the probes and decide. `cfg` names synth_steps, synth_restarts,
-    warp_steps, seed and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig), and may name
-    decisive_score: the evidence is then read at half the steps first, and a class that scores at least that is
-    flagged there, only its rows searching the rest of the budget (Detection.steps says where it was read)."""
+    warp_steps, seed, decisive_score and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig).
+    Unless decisive_score is None, the evidence is read at half the steps first, and a class flagged there with a
+    score of at least decisive_score stays flagged, only its rows searching the rest of the budget (Detection.steps
+    says where the evidence was read)."""
     net = search_copy(net, data.images[:8], cfg.search_precision)
     searches = [FamilySearch(net, data.images, data.labels, num_classes, family, restarts=cfg.synth_restarts,
                              generator=generator) for family in FAMILIES]
@@ -177,7 +178,7 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
     warp = warp_probe(net, data, num_classes, steps=steps, restarts=cfg.synth_restarts, progress=progress,
                       generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED)) if steps else None
     scanned = plain_hits(net, data, num_classes)
-    decisive = getattr(cfg, "decisive_score", None)
+    decisive = cfg.decisive_score
     first = cfg.synth_steps // 2 if decisive is not None and cfg.synth_steps >= 2 else cfg.synth_steps
     for search in searches:
         search.run(first, progress)

@@ -113,7 +113,7 @@ def recheck(net, masks, train, val, unlearn, families, detection, cfg, gen, prog
         for family in families:
             col = family.column(target)
             again = synthesize(searched, train.images, train.labels, len(family.sizes[0]), family.family,
-                               steps=detection.steps or cfg.synth_steps, restarts=cfg.synth_restarts, generator=gen,
+                               steps=detection.steps, restarts=cfg.synth_restarts, generator=gen,
                                progress=progress, classes=[target])
             sizes = family.class_sizes().clone()
             sizes[col] = again.class_sizes()[0]
