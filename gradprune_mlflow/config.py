@@ -76,6 +76,10 @@ class SanitizeConfig:
     finetune_augment: bool = True
     # Weight of the distillation term that keeps clean predictions close to the original model's.
     distill_weight: float | None = None
+    # Trigger-free mode, where a warp is unlearned (the warp probe led the flag or its warps joined the mix): the
+    # distillation weight is at most this. Distillation holds the model near the backdoored one, and so keeps the part
+    # of a warp backdoor that the found warps do not express. None: distill_weight alone.
+    warp_distill_weight: float | None = 1.0
     # Weight of the triggered-image CE (true labels) against the clean CE.
     unlearn_weight: float | None = None
     # Weight of a term that pushes triggered images of the other classes away from the trigger's target class
@@ -224,10 +228,11 @@ class SanitizeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BadInput(f"{name} must be a whole number of at least 1, got {value!r}")
         for name, low in (("prune_patience", 1), ("finetune_epochs", 1), ("finetune_patience", 1),
-                          ("distill_weight", 0), ("unlearn_weight", 0), ("away_weight", 0)):
+                          ("distill_weight", 0), ("warp_distill_weight", 0), ("unlearn_weight", 0),
+                          ("away_weight", 0)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < low):
-                raise BadInput(f"{name} must be a number >= {low}, or unset for its mode's default; got {value!r}")
+                raise BadInput(f"{name} must be a number >= {low}, or unset; got {value!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

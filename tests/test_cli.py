@@ -195,6 +195,7 @@ def test_full_sanitize_writes_report_and_a_loadable_model(tmp_path, badnets_cnn,
     assert report["schema"] == 1 and report["mode"] == "fast" and report["device"] == "cpu"
     assert report["config"]["finetune_epochs"] == 12 and report["config"]["max_prune_fraction"] == 0.2
     assert report["finetune_epochs"] <= 12
+    assert report["distill_weight"] == report["config"]["distill_weight"]  # no warp unlearned: the setting as given
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "eval"
     assert report["detection"] is None and report["evaluated_on"] == "validation"
     for when in ("before", "after"):

@@ -10,7 +10,7 @@ from gradprune_mlflow.config import SanitizeConfig, warp_steps
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.patch_probe import PatchHit
 from gradprune_mlflow.defense.progress import SilentProgress
-from gradprune_mlflow.defense.triggerfree import companion_warp
+from gradprune_mlflow.defense.triggerfree import Found, companion_warp
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import TriggerMix, unlearning_plan
 from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, WarpHit, warp_probe
@@ -106,6 +106,25 @@ def test_a_strong_warp_joins_the_unlearning_mix_whichever_detector_flagged_the_c
     mix = TriggerMix([TriggerMix(warps[1].unlearning(), gen), square], gen)
     plan = {row["trigger"]: row["share"] for row in unlearning_plan(mix)}
     assert plan["synthesized-warp"] == pytest.approx(0.5)
+
+
+def test_fine_tuning_distils_less_where_warps_are_unlearned():
+    def found(warp: bool) -> Found:
+        return Found(None, [], [], None, None, 0.0, False, warp=warp)
+
+    cfg = SanitizeConfig()
+    assert found(False).finetune_config(cfg) is cfg
+    assert found(True).finetune_config(cfg).resolved("distill_weight") == cfg.warp_distill_weight
+    assert cfg.warp_distill_weight < cfg.resolved("distill_weight")
+    # at most warp_distill_weight: a lower distill_weight (paper mode's 0 included) stays; None turns the rule off
+    assert found(True).finetune_config(cfg.with_overrides(distill_weight=0.5,
+                                                          warp_distill_weight=2)).resolved("distill_weight") == 0.5
+    assert found(True).finetune_config(SanitizeConfig(mode="paper")).resolved("distill_weight") == 0
+    assert found(True).finetune_config(SanitizeConfig(warp_distill_weight=None)).resolved("distill_weight") \
+        == cfg.resolved("distill_weight")
+    for bad in (-1, True, "low"):
+        with pytest.raises(BadInput):
+            cfg.with_overrides(warp_distill_weight=bad)
 
 
 def test_its_budget_follows_the_synthesis_budget_unless_set():

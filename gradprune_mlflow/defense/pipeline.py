@@ -99,6 +99,7 @@ def run_sanitize(
     detection = found.detection if found else None
     unlearn = found.unlearn if found else trigger
     measure_with = found.measure_with if found else trigger
+    tuning = found.finetune_config(cfg) if found else cfg
 
     skipped = detection is not None and not detection.flagged and cfg.on_clean == "skip"
     prune_out = finetune_out = verified = None
@@ -109,12 +110,13 @@ def run_sanitize(
                 prune_out = prune(net, masks, train_triggered, val, val_triggered, cfg, progress)
         if "finetune" in cfg.stages:
             with timings("fine_tuning"):
-                finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, cfg, progress, gen, teacher)
+                finetune_out = finetune(net, masks, train, unlearn, val, val_triggered, tuning, progress, gen,
+                                        teacher)
             if detection is not None:
                 with timings("rechecks"):
                     rechecks, finetune_out, unlearn = recheck(net, masks, train, val, unlearn, found.families,
-                                                              detection, cfg, gen, progress, teacher, finetune_out,
-                                                              found.noise)
+                                                              detection, tuning, gen, progress, teacher,
+                                                              finetune_out, found.noise)
         masks.apply()
         if trigger is None and cfg.verify:
             # Last, on a copy, with its own generator: it changes neither the weights nor the defense's draws.
@@ -160,6 +162,9 @@ def run_sanitize(
         "unprunable_layers": masks.unprunable,
         "gradient_passes": prune_out.passes if prune_out else 0,
         "finetune_epochs": finetune_out.epochs if finetune_out else 0,
+        # the distillation weight fine-tuning used: distill_weight, or at most warp_distill_weight where warps were
+        # unlearned
+        "distill_weight": tuning.resolved("distill_weight") if finetune_out else None,
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
         # what trigger-free mode's searches computed in: search_precision as this machine resolved it
         "search_precision": found.precision if found else None,

@@ -7,7 +7,7 @@ defense/pipeline.py runs them when no trigger is given; docs/algorithm.md descri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -174,6 +174,13 @@ class Found:
     noise: bool  # fresh noise is unlearned (the response is above noise_threshold)
     fixed_steps: int = 0  # steps of the fixed-strength blend search, when it ran
     precision: str = "fp32"  # what the searches computed in ("fp32" or "bf16": search_precision resolved)
+    warp: bool = False  # warps are unlearned (the warp probe led the flag, or its warps joined the mix)
+
+    def finetune_config(self, cfg: SanitizeConfig) -> SanitizeConfig:
+        """`cfg` as fine-tuning uses it: where warps are unlearned, distillation at most warp_distill_weight."""
+        if not self.warp or cfg.warp_distill_weight is None:
+            return cfg
+        return replace(cfg, distill_weight=min(cfg.resolved("distill_weight"), cfg.warp_distill_weight))
 
 
 def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen: torch.Generator,
@@ -207,4 +214,4 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         synthesized = synthesized + [companion.trigger]
     unlearn = with_agnostic(unlearn, net, target, cfg, gen)
     return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps,
-                 precision_of(searched))
+                 precision_of(searched), isinstance(hit, WarpHit) or companion is not None)
