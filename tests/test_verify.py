@@ -153,6 +153,8 @@ def test_reviewers_read_the_verdict_first():
                                "the patch probe, anomaly index 5.10, synthesized-trigger success rate 40.8%)")
     html = render_report(report, title="t")
     assert html.index("id='verification' class='bad'>Verification FAILED") < html.index("Before and after")
+    assert "distillation weight" not in html  # a fact the report lacks is left out
+    assert "<th>distillation weight</th><td>1.0</td>" in render_report({**report, "distill_weight": 1.0}, title="t")
     assert unverified_reason(report, "7").endswith("success rate 40.8%); review version 7 before promoting it")
     passed = {**report, "verification": {**FOUND, "verdict": "passed", "flagged": False}}
     assert version_description(passed, "1", "x").startswith("**Verification: passed** — an independent search on 50")

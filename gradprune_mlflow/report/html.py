@@ -64,7 +64,8 @@ def _facts(report: dict[str, Any]) -> str:
              ("flagged by", det.get("flagged_by")),
              ("flag score", _score(det.get("score"))),
              ("filters pruned", f"{report.get('pruned_filters')} of {report.get('total_filters')}"),
-             ("fine-tuning epochs", report.get("finetune_epochs")), ("evaluated on", report.get("evaluated_on")),
+             ("fine-tuning epochs", report.get("finetune_epochs")),
+             ("distillation weight", report.get("distill_weight")), ("evaluated on", report.get("evaluated_on")),
              ("evaluated images", report.get("evaluated_images"))]
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts if v is not None)
     return f"<table id='facts'>{rows}</table>"
