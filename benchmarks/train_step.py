@@ -4,8 +4,8 @@ defense/metrics.training_layout buys on this CPU.
     .venv/bin/python benchmarks/train_step.py [--threads 2] [--archs small_cnn mobilenet_v3_small resnet18]
 
 A step is what fast mode's fine-tuning repeats (defense/finetune.py): a forward pass over 128 clean and 128 triggered
-images, the teacher's forward pass over the clean ones, cross-entropy on both, the distillation term, a backward pass
-and an Adam step, with BatchNorm frozen. Untrained weights: the time does not depend on them. The two layouts take
+images, the teacher's forward pass over the clean ones, cross-entropy on both and the distillation term (its
+`batch_loss`, without the away-from-target term), a backward pass and an Adam step, with BatchNorm frozen. Untrained weights: the time does not depend on them. The two layouts take
 turns; each column is the fastest of `--repeats` steps after two warm-up steps. Prints a markdown table.
 """
 
@@ -15,11 +15,10 @@ import contextlib
 import time
 
 import torch
-from torch.nn import functional as F
 
 from gradprune_mlflow.benchmark.steps import compare_main, input_shape
 from gradprune_mlflow.config import SanitizeConfig
-from gradprune_mlflow.defense.finetune import _train_mode_frozen_bn
+from gradprune_mlflow.defense.finetune import _train_mode_frozen_bn, batch_loss
 from gradprune_mlflow.defense.metrics import training_layout
 from gradprune_mlflow.models.zoo import create_model
 
@@ -30,11 +29,7 @@ UNLEARN, DISTILL = (SanitizeConfig().resolved(name) for name in ("unlearn_weight
 
 def _step(net, teacher, opt, x, xt, y) -> float:
     start = time.perf_counter()
-    clean, triggered = net(x), net(xt)
-    with torch.no_grad():
-        soft = F.softmax(teacher(x), 1)
-    loss = F.cross_entropy(clean, y) + UNLEARN * F.cross_entropy(triggered, y)
-    loss = loss + DISTILL * F.kl_div(F.log_softmax(clean, 1), soft, reduction="batchmean")
+    loss = batch_loss(net, teacher, x, xt, y, 0, unlearn=UNLEARN, away=0.0, distill=DISTILL)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

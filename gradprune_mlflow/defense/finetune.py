@@ -71,6 +71,22 @@ def away_from_target(logits: torch.Tensor, labels: torch.Tensor, target: int) ->
     return -torch.logsumexp(others, 1).mean()
 
 
+def batch_loss(net: nn.Module, teacher: nn.Module | None, x: torch.Tensor, xt: torch.Tensor, y: torch.Tensor,
+               target: int, *, unlearn: float, away: float, distill: float) -> torch.Tensor:
+    """One batch's fine-tuning loss: clean CE, `unlearn` x triggered CE (true labels), `away` x away_from_target on the
+    triggered images, and `distill` x the KL divergence from the teacher's predictions on the clean ones."""
+    clean_logits, trig_logits = net(x), net(xt)
+    loss = F.cross_entropy(clean_logits, y) + unlearn * F.cross_entropy(trig_logits, y)
+    if away:
+        loss = loss + away * away_from_target(trig_logits, y, target)
+    if distill:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x).float(), 1)
+        log_p = F.log_softmax(clean_logits.float(), 1)
+        loss = loss + distill * F.kl_div(log_p, soft, reduction="batchmean")
+    return loss
+
+
 def validation_loss(net: nn.Module, val_clean: Split, val_triggered: Split, clean_only: bool, batch_size: int) -> float:
     """The early-stopping criterion: clean CE, plus triggered CE unless clean_only."""
     loss = mean_loss(net, val_clean.images, val_clean.labels, batch_size)
@@ -119,16 +135,8 @@ def finetune(
                 xt = trigger.apply(x).to(device)
                 x = x.to(device)
                 with autocast(device):
-                    clean_logits = net(x)
-                    trig_logits = net(xt)
-                    loss = F.cross_entropy(clean_logits, y) + unlearn_weight * F.cross_entropy(trig_logits, y)
-                    if away:
-                        loss = loss + away * away_from_target(trig_logits, y, trigger.target)
-                    if distill:
-                        with torch.no_grad():
-                            soft = F.softmax(teacher(x).float(), 1)
-                        log_p = F.log_softmax(clean_logits.float(), 1)
-                        loss = loss + distill * F.kl_div(log_p, soft, reduction="batchmean")
+                    loss = batch_loss(net, teacher, x, xt, y, trigger.target, unlearn=unlearn_weight, away=away,
+                                      distill=distill)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
