@@ -5,8 +5,9 @@ defense/metrics.training_layout buys on this CPU.
 
 A step is what fast mode's fine-tuning repeats (defense/finetune.py): a forward pass over 128 clean and 128 triggered
 images, the teacher's forward pass over the clean ones, cross-entropy on both and the distillation term (its
-`batch_loss`, without the away-from-target term), a backward pass and an Adam step, with BatchNorm frozen. Untrained weights: the time does not depend on them. The two layouts take
-turns; each column is the fastest of `--repeats` steps after two warm-up steps. Prints a markdown table.
+`batch_loss`, without the away-from-target term), a backward pass and an Adam step, with BatchNorm frozen. Untrained
+weights: the time does not depend on them. The two layouts take turns; each column is the fastest of `--repeats`
+steps after two warm-up steps. Prints a markdown table.
 """
 
 from __future__ import annotations

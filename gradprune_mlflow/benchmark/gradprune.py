@@ -48,6 +48,8 @@ def _variant(overrides: dict):
             # the independent search after sanitizing (defense/verify.py): passed, failed, measured or not run
             "verification": (rep.get("verification") or {}).get("verdict", ""),
             "timings": rep["timings"],  # seconds per phase (report.json's)
+            # the distillation weight fine-tuning used: lower where warps were unlearned (report.json's)
+            "distill_weight": rep["distill_weight"],
         })
 
     return run
