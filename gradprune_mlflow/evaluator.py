@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models.evaluation import EvaluationResult, ModelEvaluator
 
-from gradprune_mlflow.config import PRECISIONS, SanitizeConfig
+from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import CleanSet, Split
 from gradprune_mlflow.defense.metrics import evaluate as measure
 from gradprune_mlflow.defense.normalize import Normalized
@@ -42,6 +42,7 @@ CONFIG_KEYS = {"model_uri", "mean", "std", "input_shape", "eval_trigger", "synth
                "noise_threshold", "warp_threshold",
                "warp_steps", "search_precision", "flag_slope", "flag_threshold", "suspect_threshold", "decisive_score",
                "seed", "device"}
+SHARED_KEYS = CONFIG_KEYS & {f.name for f in fields(SanitizeConfig)}
 # Pixels un-normalised with mean/std must land in [0, 1]; this much float noise is tolerated.
 PIXEL_SLACK = 1e-3
 
@@ -84,12 +85,11 @@ class EvalConfig:
         for key in ("mean", "std"):
             if key in raw:
                 raw[key] = _floats(raw[key], key)
-        if raw.get("search_precision", "auto") not in PRECISIONS:
-            raise BadInput(f"gradprune evaluator: search_precision must be one of {', '.join(PRECISIONS)}")
-        decisive = raw.get("decisive_score")
-        if decisive is not None and (isinstance(decisive, bool) or not isinstance(decisive, int | float)
-                                     or decisive < 0):
-            raise BadInput("gradprune evaluator: decisive_score must be a number >= 0 (above 1: no early flags)")
+        # The settings it shares with sanitize are checked by sanitize's own rules, so the two cannot disagree.
+        try:
+            SanitizeConfig(**{k: v for k, v in raw.items() if k in SHARED_KEYS}).validated()
+        except BadInput as err:
+            raise BadInput(f"gradprune evaluator: {err}") from None
         if any(s <= 0 for s in raw.get("std", (1.0,))):
             raise BadInput("gradprune evaluator: std values must be positive")
         if raw.get("input_shape") is not None:

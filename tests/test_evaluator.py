@@ -104,6 +104,8 @@ def test_next_to_the_default_evaluator_on_a_predictions_column(logged_badnets, f
     ({"mean": [0.286], "std": [0]}, "std values must be positive"),
     ({"mean": [0.286], "std": [0.353], "search_precision": "fp16"}, "search_precision must be one of auto, fp32, bf16"),
     ({"mean": [0.286], "std": [0.353], "decisive_score": -1}, "decisive_score must be a number >= 0"),
+    ({"mean": [0.286], "std": [0.353], "suspect_threshold": 0.7}, "suspect_threshold and flag_threshold must satisfy"),
+    ({"mean": [0.286], "std": [0.353], "synth_steps": 0}, "synth_steps must be a whole number of at least 1"),
     ({"mean": [0.286], "std": [0.353], "input_shape": [3, 28, 28]}, "each row must hold 2352 pixel values"),
 ])
 def test_bad_config_says_what_to_fix(logged_badnets, frame, config, message, experiment):
