@@ -14,6 +14,7 @@ from gradprune_mlflow.defense.patch_probe import (
     densest_square,
     other_images,
     patch_probe,
+    plain_hits,
     plain_scan,
     scan_windows,
 )
@@ -46,7 +47,7 @@ def test_the_patch_probe_finds_a_badnets_square_and_nothing_on_a_clean_model(bad
     family = _corner_family(tuple(data.images.shape[1:]))
     for model, backdoored in ((badnets_cnn, True), (clean_cnn, False)):
         net = Normalized(copy.deepcopy(model), clean_set.meta.mean, clean_set.meta.std).eval()
-        hits = patch_probe(net, data, family)
+        hits = patch_probe(net, data, family, plain_hits(net, data, K))
         assert [h.target for h in hits] == list(range(K))
         best = max(hits, key=lambda h: h.best)
         print(f"{'badnets' if backdoored else 'clean'}: best class {best.target} {best.best:.3f} {best.fill}")
@@ -86,7 +87,7 @@ def test_the_patch_probe_prefers_the_smallest_square_that_works():
                           torch.full((2, K, 1, 28, 28), 0.5))
     assert densest_square(masks[0, 0], 3) == (25, 24) and densest_square(masks[0, 0], 4) == (24, 24)
     data = Split(torch.rand(60, 1, 28, 28) * 0.5, torch.arange(60) % 9 + 1)
-    hit = patch_probe(_CornerSquare(), data, family)[0]
+    hit = patch_probe(_CornerSquare(), data, family, plain_hits(_CornerSquare(), data, K))[0]
     assert hit.best == 1.0 and hit.response == 1.0
     assert (hit.fill, hit.window) == ("white", (25, 25, 3))
 
@@ -113,5 +114,5 @@ def test_the_patch_probe_finds_a_plain_stamp_where_no_synthesized_mask_lies():
     top, left, side = scanned[0].window
     assert scanned[0].response == 1.0 and scanned[0].fill == "white"
     assert top <= 25 and left <= 25 and top + side == 28 and left + side == 28 and side in (3, 4)
-    hit = patch_probe(_CornerSquare(), data, family)[0]
+    hit = patch_probe(_CornerSquare(), data, family, scanned)[0]
     assert (hit.best, hit.plain, hit.fill, hit.window) == (1.0, 1.0, "white", scanned[0].window)

@@ -10,7 +10,7 @@ import torch
 from gradprune_mlflow.defense import synthesis
 from gradprune_mlflow.defense.fixed_blend import fixed_strength_blend
 from gradprune_mlflow.defense.normalize import Normalized
-from gradprune_mlflow.defense.patch_probe import patch_probe
+from gradprune_mlflow.defense.patch_probe import patch_probe, plain_hits
 from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.synthesis import FamilyResult, FamilySearch, anomaly_index, detect, synthesize, with_class
 from gradprune_mlflow.defense.triggers import MaskTrigger
@@ -149,7 +149,8 @@ def test_badnets_target_has_the_smallest_patch_trigger(net, clean_set):
     assert int(sizes.argmin()) == 0 or (found.flagged and found.target == 0), sizes.tolist()
     # and the patch probe confirms it: a tiny square where class 0's mask is densest sends >= 90% of the other
     # classes' images there (what flags a class), and no other class gets there
-    hits = patch_probe(net, clean_set.as_split(), res)
+    data = clean_set.as_split()
+    hits = patch_probe(net, data, res, plain_hits(net, data, K))
     print([(h.target, round(h.best, 3), h.fill, h.window) for h in hits])
     assert hits[0].best >= 0.9 and all(h.best < 0.9 for h in hits[1:])
 

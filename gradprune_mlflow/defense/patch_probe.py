@@ -127,18 +127,18 @@ def plain_scan(net: nn.Module, data: Split, sides: tuple[int, ...], others_of: d
 
 
 def plain_hits(net: nn.Module, data: Split, num_classes: int, area: float = PATCH_AREA) -> dict[int, PatchHit]:
-    """plain_scan's hit for every class, at the patch probe's sides: what patch_probe(scanned=...) takes."""
+    """plain_scan's hit for every class, at the patch probe's sides: what patch_probe takes as `scanned`."""
     return plain_scan(net, data, probe_sides(tuple(data.images.shape[1:]), area),
                       other_images(data, list(range(num_classes))))
 
 
 @torch.no_grad()
-def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = PATCH_AREA,
-                scanned: dict[int, PatchHit] | None = None) -> list[PatchHit]:
+def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, scanned: dict[int, PatchHit],
+                area: float = PATCH_AREA) -> list[PatchHit]:
     """For every class of the patch family's search: the best tiny square (at most `area` of the image), placed
     where each synthesized mask is densest and filled with the synthesized pattern, white or black, or white or black
-    anywhere on the image (plain_scan, or `scanned`: its hits on this net and data, which read no synthesis),
-    measured on images of the other classes.
+    anywhere on the image (`scanned`: plain_hits on this net and data, which read no synthesis), measured on images
+    of the other classes.
 
     Real patch triggers are compact and often plain (BadNets: a white square), while a synthesized mask scatters a
     few pixels around them; classes that are not a target stay well below the threshold
@@ -148,8 +148,6 @@ def patch_probe(net: nn.Module, data: Split, patch: FamilyResult, area: float = 
     sides = probe_sides(shape, area)
     classes = patch.classes if patch.classes is not None else list(range(patch.sizes.shape[1]))
     others_of = other_images(data, classes)
-    if scanned is None:
-        scanned = plain_scan(net, data, sides, others_of)
     hits = []
     for k, others in others_of.items():
         found = [scanned[k]]
