@@ -212,11 +212,17 @@ def test_decisive_evidence_flags_at_half_the_steps_and_other_evidence_is_read_at
     assert early.detection.flagged and early.detection.target == 0 and early.detection.steps == 20
     assert early.detection.score["value"] >= 0.6 and early.detection.to_report()["search_steps"] == 20
     assert all(r.masks.shape[1] == K for r in early.results)  # every class's sizes are still there
+    # the warp probe was read at half its steps too; the flagged class's warps searched on, to the whole budget's
+    whole = _search(blend_cnn, clean_set, decisive_score=None)
+    assert len(early.warp) == K and early.detection.probes["warp"] != [round(h.response, 4) for h in whole.warp]
+    assert all(torch.equal(a.field, b.field) for a, b in zip(early.warp[0].triggers, whole.warp[0].triggers,
+                                                              strict=True))
     plain, staged = _search(clean_cnn, clean_set, decisive_score=None), _search(clean_cnn, clean_set)
     assert staged.detection.steps == plain.detection.steps == 40
     assert staged.detection.score == plain.detection.score
     for a, b in zip(staged.results, plain.results, strict=True):
         assert torch.equal(a.sizes, b.sizes) and torch.equal(a.masks, b.masks)
+    assert [h.response for h in staged.warp] == [h.response for h in plain.warp]
 
 
 def test_decisive_score_takes_any_number_from_zero_and_refuses_the_rest():

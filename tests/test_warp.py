@@ -13,7 +13,7 @@ from gradprune_mlflow.defense.progress import SilentProgress
 from gradprune_mlflow.defense.triggerfree import Found, companion_warp
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import TriggerMix, unlearning_plan
-from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, WarpHit, warp_probe
+from gradprune_mlflow.defense.warp import MAX_SHIFT, FlowTrigger, WarpHit, WarpSearch, warp_probe
 from gradprune_mlflow.errors import BadInput
 from scripts import benchmark_script
 
@@ -87,6 +87,23 @@ def test_the_probe_is_repeatable_and_leaves_the_network_alone():
     assert [h.response for h in runs[0]] == [h.response for h in runs[1]]
     assert torch.equal(runs[0][3].trigger.field, runs[1][3].trigger.field)
     assert net.training and net.direction.grad is None
+
+
+def test_a_warp_searched_in_two_calls_or_after_keep_follows_the_one_call_path():
+    """Detection reads the warp probe at half its steps and, on an early flag, searches on for the flagged class
+    alone: that class's warp must be the one a single call over every class finds."""
+    data, blob = blob_split(20)
+    net = ShiftDetector(blob)
+    one = warp_probe(net, data, 10, steps=12, restarts=2, generator=torch.Generator().manual_seed(2),
+                     progress=SilentProgress())
+    staged = WarpSearch(net, data, 10, restarts=2, generator=torch.Generator().manual_seed(2))
+    staged.run(6, SilentProgress())
+    assert [h.target for h in staged.hits()] == list(range(10))
+    staged.keep([3])
+    staged.run(6, SilentProgress())
+    [kept] = staged.hits()
+    assert kept.target == 3 and kept.response == one[3].response
+    assert all(torch.equal(a.field, b.field) for a, b in zip(kept.triggers, one[3].triggers, strict=True))
 
 
 def test_a_strong_warp_joins_the_unlearning_mix_whichever_detector_flagged_the_class():

@@ -34,7 +34,7 @@ from gradprune_mlflow.defense.synthesis import (
     with_class,
 )
 from gradprune_mlflow.defense.unlearning import NoiseBlend
-from gradprune_mlflow.defense.warp import WarpHit, warp_probe
+from gradprune_mlflow.defense.warp import WarpHit, WarpSearch
 
 # Added to the seed for the warp probe's own generator: it draws none of the defense's random numbers.
 WARP_SEED = 7919
@@ -169,19 +169,23 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
     warp_steps, seed, decisive_score and the thresholds of `decide` (a SanitizeConfig or the evaluator's EvalConfig).
     Unless decisive_score is None, the evidence is read at half the steps first, and a class flagged there with a
     score of at least decisive_score stays flagged, only its rows searching the rest of the budget (Detection.steps
-    says where the evidence was read)."""
+    says where the evidence was read). The warp probe is staged the same way, at half of warp_steps."""
     net = search_copy(net, data.images[:8], cfg.search_precision)
     searches = [FamilySearch(net, data.images, data.labels, num_classes, family, restarts=cfg.synth_restarts,
                              generator=generator) for family in FAMILIES]
     noise = noise_responses(net, data, num_classes, cfg.seed)
     steps = warp_steps(cfg)
-    warp = warp_probe(net, data, num_classes, steps=steps, restarts=cfg.synth_restarts, progress=progress,
+    warp = WarpSearch(net, data, num_classes, restarts=cfg.synth_restarts,
                       generator=torch.Generator().manual_seed(cfg.seed + WARP_SEED)) if steps else None
     scanned = plain_hits(net, data, num_classes)
     decisive = cfg.decisive_score
-    first = cfg.synth_steps // 2 if decisive is not None and cfg.synth_steps >= 2 else cfg.synth_steps
+    staged = decisive is not None and cfg.synth_steps >= 2
+    first = cfg.synth_steps // 2 if staged else cfg.synth_steps
+    warp_first = steps // 2 if staged and steps >= 2 else steps  # the warp probe is read at half its steps too
     for search in searches:
         search.run(first, progress)
+    if warp is not None:
+        warp.run(warp_first, progress)
     found = _read(net, data, searches, noise, warp, scanned, cfg)
     if first == cfg.synth_steps:
         return found
@@ -191,15 +195,25 @@ def find_backdoor(net: nn.Module, data: Split, num_classes: int, cfg, generator:
             search.keep([target])
             search.run(cfg.synth_steps - first, progress)
         results = [with_class(r, s.result(), target) for r, s in zip(found.results, searches, strict=True)]
-        return found._replace(results=results)
+        if warp is None:
+            return found._replace(results=results)
+        warp.keep([target])  # its warps too, which are unlearned where the warp probe led or joins as a companion
+        warp.run(steps - warp_first, progress)
+        final = warp.hits()[0]
+        warps = [final if h.target == target else h for h in found.warp]
+        hit = final if isinstance(found.hit, WarpHit) else found.hit
+        return found._replace(results=results, warp=warps, hit=hit)
     for search in searches:
         search.run(cfg.synth_steps - first, progress)
+    if warp is not None:
+        warp.run(steps - warp_first, progress)
     return _read(net, data, searches, noise, warp, scanned, cfg)
 
 
-def _read(net, data, searches, noise, warp, scanned, cfg) -> Search:
+def _read(net, data, searches, noise, warp_search, scanned, cfg) -> Search:
     """The evidence of the searches as they stand, with the probes that read them, and the decision."""
     results = [s.result() for s in searches]
+    warp = warp_search.hits() if warp_search is not None else None
     hits = patch_probe(net, data, next(r for r in results if r.family == "patch"), scanned=scanned)
     detection, hit = decide(detect(results, cfg.anomaly_threshold), results, hits, noise, Thresholds.of(cfg), warp)
     return Search(replace(detection, steps=searches[0].steps), results, hit, noise, warp)

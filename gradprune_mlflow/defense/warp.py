@@ -119,40 +119,72 @@ def warp_probe(net: nn.Module, data: Split, num_classes: int, *, steps: int, res
                generator: torch.Generator, progress: Progress) -> list[WarpHit]:
     """Search a warp toward every class (all classes and restarts batched, `steps` Adam steps), then measure each
     on up to PROBE_IMAGES images of the other classes. `net` (taking [0, 1] pixels) is not changed."""
-    device = next(net.parameters()).device
-    h, w = data.images.shape[-2:]
-    rows = restarts * num_classes
-    target = torch.arange(num_classes).repeat(restarts).to(device)  # row r * K + k -> class k
-    field = (torch.randn(rows, 2, GRID, GRID, generator=generator) * 0.1).to(device).requires_grad_()
-    opt = torch.optim.Adam([field], lr=0.1)
-    per_pass = max(1, batch_for(device) // BATCH)
-    progress.phase("synthesis (warp probe)", steps)
-    was_training = net.training
-    net.eval()
-    for _ in range(steps):
-        idx = torch.randint(len(data), (BATCH,), generator=generator)
-        x, y = data.images[idx].to(device), data.labels[idx].to(device)
-        other = (y[None] != target[:, None]).float()
-        opt.zero_grad(set_to_none=True)
-        for start in range(0, rows, per_pass):  # rows are independent: one backward per chunk
-            rs = slice(start, start + per_pass)
-            grid = sampling_grid(field[rs], h, w)
-            n = grid.shape[0]
-            warped = F.grid_sample(x.repeat(n, 1, 1, 1), grid.repeat_interleave(BATCH, 0), align_corners=True,
-                                   padding_mode="border")
-            ce = F.cross_entropy(net(warped), target[rs].repeat_interleave(BATCH), reduction="none").view(n, -1)
-            (ce * other[rs]).sum(1).div(other[rs].sum(1).clamp_min(1)).sum().backward()
-        opt.step()
-        progress.advance(1)
-    net.train(was_training)
-    hits = []
-    fields = field.detach().cpu().view(restarts, num_classes, 2, GRID, GRID)
-    with torch.no_grad():
-        for k in range(num_classes):
-            others = data.images[data.labels != k][:PROBE_IMAGES]
-            found = [FlowTrigger(k, fields[r, k]) for r in range(restarts)]
-            rates = [target_rate(net, t.apply(others), k) for t in found]
-            best = max(range(restarts), key=rates.__getitem__)
-            hits.append(WarpHit(k, rates[best], found[best], found))
-    return hits
+    search = WarpSearch(net, data, num_classes, restarts=restarts, generator=generator)
+    search.run(steps, progress)
+    return search.hits()
 
+
+class WarpSearch:
+    """The warp probe's search, resumable like the families' (synthesis.FamilySearch): run(steps) goes on where the
+    last call stopped, keep(classes) drops every other class's rows, hits() measures the warps as they stand. Each
+    step's images are shared by every row and each row's Adam state is its own, so a row searched in two calls, or
+    after keep, follows the path it would have followed in one call over every class."""
+
+    def __init__(self, net: nn.Module, data: Split, num_classes: int, *, restarts: int, generator: torch.Generator):
+        self.net, self.data, self.generator, self.restarts = net, data, generator, restarts
+        self.device = next(net.parameters()).device
+        self.classes = list(range(num_classes))
+        self.target = torch.arange(num_classes).repeat(restarts).to(self.device)  # row r * K + k -> class k
+        rows = restarts * num_classes
+        self.field = (torch.randn(rows, 2, GRID, GRID, generator=generator) * 0.1).to(self.device).requires_grad_()
+        self.opt = torch.optim.Adam([self.field], lr=0.1)
+
+    def run(self, steps: int, progress: Progress) -> None:
+        """`steps` more Adam steps for every row left."""
+        net, data, target, field = self.net, self.data, self.target, self.field
+        h, w = data.images.shape[-2:]
+        per_pass = max(1, batch_for(self.device) // BATCH)
+        progress.phase("synthesis (warp probe)", steps)
+        was_training = net.training
+        net.eval()
+        for _ in range(steps):
+            idx = torch.randint(len(data), (BATCH,), generator=self.generator)
+            x, y = data.images[idx].to(self.device), data.labels[idx].to(self.device)
+            other = (y[None] != target[:, None]).float()
+            self.opt.zero_grad(set_to_none=True)
+            for start in range(0, len(target), per_pass):  # rows are independent: one backward per chunk
+                rs = slice(start, start + per_pass)
+                grid = sampling_grid(field[rs], h, w)
+                n = grid.shape[0]
+                warped = F.grid_sample(x.repeat(n, 1, 1, 1), grid.repeat_interleave(BATCH, 0), align_corners=True,
+                                       padding_mode="border")
+                ce = F.cross_entropy(net(warped), target[rs].repeat_interleave(BATCH), reduction="none").view(n, -1)
+                (ce * other[rs]).sum(1).div(other[rs].sum(1).clamp_min(1)).sum().backward()
+            self.opt.step()
+            progress.advance(1)
+        net.train(was_training)
+
+    def keep(self, classes: list[int]) -> None:
+        """Search on for `classes` alone (a subset of this search's), each row where it stands."""
+        k = len(self.classes)
+        rows = torch.tensor([r * k + self.classes.index(c) for r in range(self.restarts) for c in classes])
+        kept = self.field.detach()[rows].clone().requires_grad_()
+        opt = torch.optim.Adam([kept], lr=self.opt.defaults["lr"])
+        state = self.opt.state.get(self.field)
+        if state:  # Adam's moments are per element: the kept rows' own
+            opt.state[kept] = {key: v if v.ndim == 0 else v[rows].clone() for key, v in state.items()}
+        self.field, self.opt, self.target, self.classes = kept, opt, self.target[rows], list(classes)
+
+    @torch.no_grad()
+    def hits(self) -> list[WarpHit]:
+        """Per class of the search, in order: each restart's warp measured on up to PROBE_IMAGES images of the other
+        classes, the best one first."""
+        fields = self.field.detach().cpu().view(self.restarts, len(self.classes), 2, GRID, GRID)
+        hits = []
+        for j, k in enumerate(self.classes):
+            others = self.data.images[self.data.labels != k][:PROBE_IMAGES]
+            found = [FlowTrigger(k, fields[r, j]) for r in range(self.restarts)]
+            rates = [target_rate(self.net, t.apply(others), k) for t in found]
+            best = max(range(self.restarts), key=rates.__getitem__)
+            hits.append(WarpHit(k, rates[best], found[best], found))
+        return hits
