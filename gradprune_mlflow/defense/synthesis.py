@@ -128,6 +128,21 @@ def synthesize(
     return search.result()
 
 
+def keep_rows(params: list[torch.Tensor], opt: torch.optim.Adam, classes: list[int], restarts: int,
+              keep: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], torch.optim.Adam]:
+    """The rows of the classes `keep` in a batched search whose row r * len(classes) + j is restart r of classes[j]:
+    their indices, copies of their parameters, and an Adam optimiser over those that goes on where `opt` stood."""
+    k = len(classes)
+    rows = torch.tensor([r * k + classes.index(c) for r in range(restarts) for c in keep])
+    kept = [p.detach()[rows].clone().requires_grad_() for p in params]
+    new_opt = torch.optim.Adam(kept, **{key: opt.defaults[key] for key in ("lr", "betas")})
+    for old, new in zip(params, kept, strict=True):
+        state = opt.state.get(old)
+        if state:  # Adam's moments are per element: the kept rows' own
+            new_opt.state[new] = {key: v if v.ndim == 0 else v[rows].clone() for key, v in state.items()}
+    return rows, kept, new_opt
+
+
 class FamilySearch:
     """One family's search, resumable: run(steps) goes on where the last call stopped, keep(classes) drops every
     other class's rows, result() gives the best triggers so far. Each row's optimiser state and penalty are its own
@@ -194,15 +209,7 @@ class FamilySearch:
 
     def keep(self, classes: list[int]) -> None:
         """Search on for `classes` alone (a subset of this search's), each row where it stands."""
-        k = len(self.classes)
-        rows = torch.tensor([r * k + self.classes.index(c) for r in range(self.restarts) for c in classes])
-        kept = [p.detach()[rows].clone().requires_grad_() for p in self.params]
-        opt = torch.optim.Adam(kept, **{key: self.opt.defaults[key] for key in ("lr", "betas")})
-        for old, new in zip(self.params, kept, strict=True):
-            state = self.opt.state.get(old)
-            if state:  # Adam's moments are per element: the kept rows' own
-                opt.state[new] = {key: v if v.ndim == 0 else v[rows].clone() for key, v in state.items()}
-        self.params, self.opt = kept, opt
+        rows, self.params, self.opt = keep_rows(self.params, self.opt, self.classes, self.restarts, classes)
         self.target, self.lam, self.best_size, self.wins = (t[rows] for t in (self.target, self.lam, self.best_size,
                                                                               self.wins))
         self.best = [b[rows] for b in self.best]

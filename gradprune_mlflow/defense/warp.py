@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.metrics import batch_for, target_rate
 from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.synthesis import keep_rows
 from gradprune_mlflow.defense.triggers import Trigger
 
 GRID = 4  # the displacement field's control points per side (WaNet's paper uses 4 as well)
@@ -166,14 +167,8 @@ class WarpSearch:
 
     def keep(self, classes: list[int]) -> None:
         """Search on for `classes` alone (a subset of this search's), each row where it stands."""
-        k = len(self.classes)
-        rows = torch.tensor([r * k + self.classes.index(c) for r in range(self.restarts) for c in classes])
-        kept = self.field.detach()[rows].clone().requires_grad_()
-        opt = torch.optim.Adam([kept], lr=self.opt.defaults["lr"])
-        state = self.opt.state.get(self.field)
-        if state:  # Adam's moments are per element: the kept rows' own
-            opt.state[kept] = {key: v if v.ndim == 0 else v[rows].clone() for key, v in state.items()}
-        self.field, self.opt, self.target, self.classes = kept, opt, self.target[rows], list(classes)
+        rows, [self.field], self.opt = keep_rows([self.field], self.opt, self.classes, self.restarts, classes)
+        self.target, self.classes = self.target[rows], list(classes)
 
     @torch.no_grad()
     def hits(self) -> list[WarpHit]:
