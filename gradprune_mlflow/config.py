@@ -7,7 +7,7 @@ from typing import Any
 
 from gradprune_mlflow.errors import BadInput
 
-PRECISIONS = ("auto", "fp32", "bf16")  # the searches' (defense/searchnet.py)
+PRECISIONS = ("auto", "fp32", "bf16")  # the searches' and fine-tuning's (defense/searchnet.py, train_precision.py)
 
 MODES = ("fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,6 +94,10 @@ class SanitizeConfig:
     # "auto": bf16 on a GPU that supports it; on a CPU, bf16 only where one search step of this model is clearly
     # faster in it (it is for some architectures and not for others: defense/searchnet.py). Measuring stays float32.
     search_precision: str = "auto"
+    # Precision of fine-tuning's steps: "fp32", "bf16" (autocast; weights and optimiser stay float32) or "auto": bf16 on
+    # a GPU that supports it; on a CPU, bf16 only where one training step of this model is clearly faster in it
+    # (defense/train_precision.py).
+    train_precision: str = "auto"
     # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).
     anomaly_threshold: float = 2.0
@@ -184,8 +188,9 @@ class SanitizeConfig:
             raise BadInput(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.on_clean not in ON_CLEAN:
             raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
-        if self.search_precision not in PRECISIONS:
-            raise BadInput(f"search_precision must be one of {', '.join(PRECISIONS)}, got {self.search_precision!r}")
+        for name in ("search_precision", "train_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise BadInput(f"{name} must be one of {', '.join(PRECISIONS)}, got {getattr(self, name)!r}")
         if self.stages not in STAGES:
             raise BadInput(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
         if not 0.0 < self.val_fraction < 1.0:

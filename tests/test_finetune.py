@@ -39,7 +39,7 @@ PLANS = {
 }
 
 
-def tune(model, plan, data, meta, *, hold=True, epochs=3):
+def tune(model, plan, data, meta, *, hold=True, epochs=3, precision="fp32"):
     """Prune `plan` on a copy of `model`, fine-tune it (masks held unless hold=False); return everything to check."""
     work = copy.deepcopy(model).float().eval()
     net = Normalized(work, meta.mean, meta.std)
@@ -48,7 +48,8 @@ def tune(model, plan, data, meta, *, hold=True, epochs=3):
         masks.prune(layer, filters, step=1)
     before = copy.deepcopy(work.state_dict())
     train, val, val_t = data
-    cfg = SanitizeConfig(device="cpu").with_overrides(finetune_epochs=epochs, finetune_patience=epochs)
+    cfg = SanitizeConfig(device="cpu").with_overrides(finetune_epochs=epochs, finetune_patience=epochs,
+                                                      train_precision=precision)
     teacher = Normalized(copy.deepcopy(model).float().eval(), meta.mean, meta.std).eval()
     out = finetune(net, masks if hold else None, train, TRIGGER, val, val_t, cfg, SilentProgress(),
                    torch.Generator().manual_seed(0), teacher)
@@ -99,6 +100,14 @@ def test_pruned_filters_stay_exactly_zero_while_the_rest_trains(model, data, cle
     for layer, filters in plan.items():
         keep = [f for f in range(masks.convs[layer].out_channels) if f not in filters]
         assert not torch.equal(after[f"{layer}.weight"][keep], before[f"{layer}.weight"][keep]), layer
+
+
+def test_bfloat16_fine_tuning_learns_holds_the_masks_and_keeps_float32_weights(data, clean_set, badnets_cnn):
+    plan = PLANS["small_cnn"]
+    work, masks, _before, out, _net = tune(badnets_cnn, plan, data, clean_set.meta, epochs=2, precision="bf16")
+    assert out.precision == "bf16" and out.best_epoch >= 1
+    assert {p.dtype for p in work.parameters()} == {torch.float32}, "autocast: the weights stay float32"
+    assert all(torch.count_nonzero(values) == 0 for _what, values in pruned_params(work, masks, plan))
 
 
 def test_batchnorm_statistics_are_never_updated_from_triggered_images(data, clean_set, badnets_cnn):

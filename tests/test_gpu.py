@@ -76,5 +76,6 @@ def test_trigger_free_run_on_cuda_flags_the_backdoor_with_bfloat16_searches(badn
     report = sanitize(badnets_cnn, clean_set, None, device="cuda", eval_trigger=TRIGGER, test_set=fashion_test,
                       **SETTINGS).report
     assert report["config"]["search_precision"] == "auto"
+    assert report["train_precision"] == "bf16", "auto fine-tunes under bfloat16 autocast on a GPU that computes it"
     assert report["detection"]["flagged"] and report["detection"]["target"] == 0
     assert report["after"]["attack_success_rate"] < 0.2

@@ -106,6 +106,7 @@ def test_report_follows_schema_1(known):
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "known"
     assert report["detection"] is None, "known-trigger mode detects nothing"
     assert report["search_precision"] is None, "nor searches"
+    assert report["train_precision"] in ("fp32", "bf16"), "fine-tuning says what it computed in"
     assert report["unlearning_plan"] == [{"trigger": "patch", "share": 1.0}]
     assert report["evaluated_on"] == "test" and report["evaluated_images"] == 2000
     timings = report["timings"]
@@ -259,6 +260,7 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         assert report["synthesis_steps"] == (10 + 5 * len(rechecks)) * 1 * 2
         # auto on a CPU: the precision this machine timed as faster for the model (test_searchnet.py)
         assert report["config"]["search_precision"] == "auto" and report["search_precision"] in ("fp32", "bf16")
+        assert report["config"]["train_precision"] == "auto" and report["train_precision"] in ("fp32", "bf16")
         # the probe's square, then each repeated recheck's triggers, each an equal share of the unlearning images
         plan = {p["trigger"]: p["share"] for p in report["unlearning_plan"]}
         repeats = sum(r["repeated"] for r in rechecks)
@@ -387,3 +389,5 @@ def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
         sanitize(badnets_cnn, small, TRIGGER, stages="neither", **SMALL)
     with pytest.raises(BadInput, match="search_precision must be one of auto, fp32, bf16"):
         sanitize(badnets_cnn, small, TRIGGER, search_precision="half", **SMALL)
+    with pytest.raises(BadInput, match="train_precision must be one of auto, fp32, bf16"):
+        sanitize(badnets_cnn, small, TRIGGER, train_precision="half", **SMALL)

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from gradprune_mlflow.defense import metrics
+from gradprune_mlflow.defense import metrics, train_precision
 from scripts import benchmark_script
 
 
@@ -25,3 +25,17 @@ def test_the_channels_last_column_trains_in_the_product_s_layout(monkeypatch):
     default, last = script.layout_seconds("small_cnn", repeats=1)
     assert default > 0 and last > 0
     assert seen == [True, True]  # the model and its teacher
+
+
+def test_the_precision_columns_train_in_float32_and_under_bfloat16_autocast(monkeypatch):
+    script = benchmark_script("train_step")
+    seen = []
+
+    def recording(device, precision):
+        seen.append(precision)
+        return train_precision.train_autocast(device, precision)
+
+    monkeypatch.setattr(script, "train_autocast", recording)
+    fp32, bf16 = script.precision_seconds("small_cnn", repeats=1)
+    assert fp32 > 0 and bf16 > 0
+    assert seen == ["fp32", "fp32", "bf16", "bf16"] + ["fp32", "bf16"], "two warm-ups each, then turns"

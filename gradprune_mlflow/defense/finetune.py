@@ -27,8 +27,9 @@ from torch.nn import functional as F
 from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.masks import FilterMasks
-from gradprune_mlflow.defense.metrics import autocast, mean_loss, training_layout
+from gradprune_mlflow.defense.metrics import mean_loss, training_layout
 from gradprune_mlflow.defense.progress import Progress
+from gradprune_mlflow.defense.train_precision import train_autocast, train_precision
 from gradprune_mlflow.defense.triggers import Trigger
 
 
@@ -37,6 +38,7 @@ class FinetuneOutcome:
     epochs: int = 0
     best_epoch: int = 0
     passes: int = 0
+    precision: str = "fp32"  # what the steps computed in (train_precision resolved: defense/train_precision.py)
 
 
 def _train_mode_frozen_bn(model: nn.Module) -> None:
@@ -125,6 +127,7 @@ def finetune(
         best_loss = validation_loss(net, val_clean, val_triggered, clean_only, cfg.batch_size)
         best_state = copy.deepcopy(net.state_dict())
         out, since_best = FinetuneOutcome(), 0
+        out.precision = train_precision(net, train.images[:8].to(device), cfg.train_precision)
         progress.phase("fine-tuning", epochs)
         for epoch in range(1, epochs + 1):
             _train_mode_frozen_bn(net)
@@ -134,7 +137,7 @@ def finetune(
                     x = augment(x, generator)
                 xt = trigger.apply(x).to(device)
                 x = x.to(device)
-                with autocast(device):
+                with train_autocast(device, out.precision):
                     loss = batch_loss(net, teacher, x, xt, y, trigger.target, unlearn=unlearn_weight, away=away,
                                       distill=distill)
                 opt.zero_grad(set_to_none=True)

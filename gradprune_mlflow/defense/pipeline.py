@@ -168,6 +168,8 @@ def run_sanitize(
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
         # what trigger-free mode's searches computed in: search_precision as this machine resolved it
         "search_precision": found.precision if found else None,
+        # what fine-tuning's steps computed in: train_precision as this machine resolved it
+        "train_precision": finetune_out.precision if finetune_out else None,
         # one search per family (every class, or after an early flag the flagged class alone for its second half),
         # then one per family over the flagged class per recheck, and the fixed-strength blend search when it ran
         "synthesis_steps": ((cfg.synth_steps + found.detection.steps * len(rechecks)) * len(FAMILIES)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -106,17 +107,23 @@ def _step(net: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def fastest_in_turns(steps: list[Callable[[], float]], repeats: int = 3) -> list[float]:
+    """For each of `steps` (each runs once and returns its seconds), the fastest of `repeats` runs after a warm-up
+    run each. The steps take turns, so that a busy spell of the machine slows them alike rather than one of them."""
+    for step in steps:
+        step()
+    best = [float("inf")] * len(steps)
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            best[i] = min(best[i], step())
+    return best
+
+
 def step_seconds(nets: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> list[float]:
     """For each of `nets`, the fastest of `repeats` search steps (forward, then backward to the input) over the
-    images `x`, after a warm-up step each: what "auto" compares, and what benchmarks/search_step.py reports. The nets
-    take turns, so that a busy spell of the machine slows them alike rather than one of them."""
-    for net in nets:
-        _step(net, x)
-    best = [float("inf")] * len(nets)
-    for _ in range(repeats):
-        for i, net in enumerate(nets):
-            best[i] = min(best[i], _step(net, x))
-    return best
+    images `x`, taking turns after a warm-up step each: what "auto" compares, and what benchmarks/search_step.py
+    reports."""
+    return fastest_in_turns([lambda net=net: _step(net, x) for net in nets], repeats)
 
 
 # faster_precision's answers: the choice depends on the architecture, the input shape and the machine's threads,
