@@ -14,7 +14,6 @@ steps after two warm-up steps. Prints a markdown table.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 import torch
@@ -76,12 +75,9 @@ def _seconds(arch: str, repeats: int, ways: list[tuple[bool, str]]) -> tuple[flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--precision" in argv:
-        compare_main(__doc__.splitlines()[0], ("float32", "bfloat16"), precision_seconds,
-                     [a for a in argv if a != "--precision"])
-    else:
-        compare_main(__doc__.splitlines()[0], ("default", "channels-last"), layout_seconds, argv)
+    compare_main(__doc__.splitlines()[0], ("default", "channels-last"), layout_seconds, argv,
+                 alternative=("--precision", "compare float32 and bfloat16 autocast, both channels-last",
+                              ("float32", "bfloat16"), precision_seconds))
 
 
 if __name__ == "__main__":

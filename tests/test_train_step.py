@@ -39,3 +39,10 @@ def test_the_precision_columns_train_in_float32_and_under_bfloat16_autocast(monk
     fp32, bf16 = script.precision_seconds("small_cnn", repeats=1)
     assert fp32 > 0 and bf16 > 0
     assert seen == ["fp32", "fp32", "bf16", "bf16"] + ["fp32", "bf16"], "two warm-ups each, then turns"
+
+
+def test_the_precision_flag_prints_the_float32_and_bfloat16_columns(capsys):
+    benchmark_script("train_step").main(["--precision", "--archs", "small_cnn", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| architecture | float32 s/step | bfloat16 s/step | bfloat16 / float32 |" in out
+    assert "| small_cnn |" in out

@@ -19,15 +19,23 @@ def input_shape(arch: str) -> tuple[int, int]:
     return SHAPES.get(arch, RGB32)
 
 
-def compare_main(description: str, columns: tuple[str, str], seconds: Callable[[str, int], Sequence[float]],
-                 argv: list[str] | None = None) -> None:
+Seconds = Callable[[str, int], Sequence[float]]
+
+
+def compare_main(description: str, columns: tuple[str, str], seconds: Seconds, argv: list[str] | None = None,
+                 alternative: tuple[str, str, tuple[str, str], Seconds] | None = None) -> None:
     """Parse --threads/--archs/--repeats and print one row per architecture: `seconds(arch, repeats)`'s two times
-    (the `columns` ways of running the step) and the second's share of the first."""
+    (the `columns` ways of running the step) and the second's share of the first. `alternative` is (flag, help,
+    columns, seconds): a flag that compares two other ways instead."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--archs", nargs="+", default=ARCHS)
     parser.add_argument("--repeats", type=int, default=5)
+    if alternative is not None:
+        parser.add_argument(alternative[0], action="store_true", dest="alternative", help=alternative[1])
     args = parser.parse_args(argv)
+    if getattr(args, "alternative", False):
+        columns, seconds = alternative[2], alternative[3]
     torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"{platform.machine()}, CPU capability {capability}, {args.threads} threads, torch {torch.__version__}\n")
