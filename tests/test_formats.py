@@ -31,7 +31,9 @@ from gradprune_mlflow.models.torchscript import ScriptedModel
 from gradprune_mlflow.models.zoo import create_model
 
 SHAPE = (1, 28, 28)
-QUICK = {"finetune_epochs": 1, "device": "cpu", "seed": 0}
+# Formats are compared fine-tuning in float32: under train_precision=auto a pt2 program, whose graph autocast gains
+# nothing on, keeps float32 where the eager model may take bfloat16 (test_auto_fine_tunes_a_pt2_program_in_float32).
+QUICK = {"finetune_epochs": 1, "device": "cpu", "seed": 0, "train_precision": "fp32"}
 
 
 class RunsShell:
@@ -198,6 +200,18 @@ def test_every_format_sanitizes_to_the_same_weights_as_the_eager_model(tmp_path)
         for key, value in result.model.inner.state_dict().items():
             torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5, msg=key)
     assert eager.report["model_format"] == "module"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_auto_fine_tunes_a_pt2_program_in_float32(tmp_path):
+    from gradprune_mlflow import lab
+    from gradprune_mlflow.data.cleanset import load_clean_set
+
+    clean = load_clean_set(lab.trusted_clean_set(tmp_path / "clean", per_class=10, seed=0))
+    trigger = PatchTrigger(0, size=3, location="bottom-right").build(SHAPE)
+    loaded = load_model(pt2_folder(tmp_path / "pt2", small()))
+    report = sanitize(loaded, clean, trigger, **{**QUICK, "train_precision": "auto"}).report
+    assert report["model_format"] == "pt2" and report["train_precision"] == "fp32"
 
 
 @pytest.mark.slow

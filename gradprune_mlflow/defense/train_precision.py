@@ -18,7 +18,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradprune_mlflow.defense.metrics import eval_mode
-from gradprune_mlflow.defense.searchnet import AUTO_GAIN, BF16_TOLERANCE, TIMED_IMAGES, fastest_in_turns
+from gradprune_mlflow.defense.searchnet import AUTO_GAIN, BF16_TOLERANCE, fastest_in_turns
+
+# Images in the timed step: a fine-tuning step passes a batch of clean and one of triggered images (2 x 128). Over
+# fewer, the small CNN's bfloat16 share came out anywhere between 0.47 and 0.82 of float32's, too near AUTO_GAIN for a
+# choice that decides the weights; over these it stayed near a half.
+TIMED_IMAGES = 256
 
 
 def train_autocast(device: torch.device, precision: str):
@@ -43,8 +48,9 @@ _TIMED: dict[tuple, str] = {}
 def train_precision(net: nn.Module, example: torch.Tensor, precision: str = "auto") -> str:
     """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it, fp32 on another GPU, and
     on a CPU bf16 where the model's logits under autocast stay within BF16_TOLERANCE of float32's and its training
-    step (forward, cross-entropy, backward to the weights) takes at most AUTO_GAIN of float32's. `example` is a few
-    [0, 1] images of the model's input shape; the weights' values and gradients are left as they were."""
+    step (forward, cross-entropy, backward to the weights over TIMED_IMAGES) takes at most AUTO_GAIN of float32's.
+    `example` is a few [0, 1] images of the model's input shape; the weights' values and gradients are left as they
+    were. A pt2 program runs its graph as exported, where autocast gains nothing, so "auto" keeps float32 for it."""
     if precision != "auto":
         return precision
     device = next(net.parameters()).device
