@@ -126,19 +126,34 @@ def step_seconds(nets: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> li
     return fastest_in_turns([lambda net=net: _step(net, x) for net in nets], repeats)
 
 
-# faster_precision's answers: the choice depends on the architecture, the input shape and the machine's threads,
-# not on the weights, and a run asks it again for every state of the model it searches.
+def timing_key(net: nn.Module, example: torch.Tensor) -> tuple:
+    """What a timed precision choice depends on: the architecture, the input shape and the machine's threads, not the
+    weights (a run asks again for every state of the model it trains or searches)."""
+    return (type(net).__name__, tuple((n, tuple(p.shape)) for n, p in net.named_parameters()),
+            tuple(example.shape[1:]), torch.get_num_threads())
+
+
+def repeated(example: torch.Tensor, images: int) -> torch.Tensor:
+    """`images` images made of `example`'s, repeated: a timed step's batch."""
+    return example.repeat((images + len(example) - 1) // len(example), *[1] * (example.ndim - 1))[:images]
+
+
+def close_in_bf16(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether logits computed in bfloat16 (`got`) stay within BF16_TOLERANCE of float32's (`want`)."""
+    scale = float(want.abs().max()) + 1.0
+    return bool(torch.isfinite(got).all()) and float((got - want).abs().max()) <= BF16_TOLERANCE * scale
+
+
+# faster_precision's answers, by timing_key
 _TIMED: dict[tuple, str] = {}
 
 
 def faster_precision(fp32: nn.Module, bf16: nn.Module, example: torch.Tensor) -> str:
     """"bf16" when a search step through `bf16` takes at most AUTO_GAIN of one through `fp32` (two copies of one
     model on a CPU), else "fp32"."""
-    key = (type(fp32).__name__, tuple((n, tuple(p.shape)) for n, p in fp32.named_parameters()),
-           tuple(example.shape[1:]), torch.get_num_threads())
+    key = timing_key(fp32, example)
     if key not in _TIMED:
-        x = example.repeat((TIMED_IMAGES + len(example) - 1) // len(example), *[1] * (example.ndim - 1))
-        x = x[:TIMED_IMAGES].to(next(fp32.parameters()).device)
+        x = repeated(example, TIMED_IMAGES).to(next(fp32.parameters()).device)
         fp32_seconds, bf16_seconds = step_seconds([fp32, bf16], x)
         _TIMED[key] = "bf16" if bf16_seconds <= AUTO_GAIN * fp32_seconds else "fp32"
     return _TIMED[key]
@@ -163,8 +178,7 @@ def search_copy(net: nn.Module, example: torch.Tensor, precision: str = "fp32") 
             want, got = copied(x), low(x)
     except Exception:  # weights held as constants stay float32 and refuse bfloat16 inputs: keep float32
         return copied
-    scale = float(want.abs().max()) + 1.0
-    close = torch.isfinite(got).all() and float((got - want).abs().max()) <= BF16_TOLERANCE * scale
+    close = close_in_bf16(want, got)
     if close and wanted == "timed":
         close = faster_precision(copied, low, example) == "bf16"
     return low if close else copied

@@ -18,7 +18,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradprune_mlflow.defense.metrics import eval_mode
-from gradprune_mlflow.defense.searchnet import AUTO_GAIN, BF16_TOLERANCE, fastest_in_turns
+from gradprune_mlflow.defense.searchnet import (
+    AUTO_GAIN,
+    close_in_bf16,
+    fastest_in_turns,
+    repeated,
+    resolved_precision,
+    timing_key,
+)
 
 # Images in the timed step: a fine-tuning step passes a batch of clean and one of triggered images (2 x 128). Over
 # fewer, the small CNN's bfloat16 share came out anywhere between 0.47 and 0.82 of float32's, too near AUTO_GAIN for a
@@ -41,32 +48,29 @@ def _train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str
     return time.perf_counter() - start
 
 
-# train_precision's answers on a CPU, by architecture, input shape and threads (not weights), as the searches' are
+# train_precision's answers on a CPU, by searchnet.timing_key
 _TIMED: dict[tuple, str] = {}
 
 
 def train_precision(net: nn.Module, example: torch.Tensor, precision: str = "auto") -> str:
-    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it, fp32 on another GPU, and
-    on a CPU bf16 where the model's logits under autocast stay within BF16_TOLERANCE of float32's and its training
-    step (forward, cross-entropy, backward to the weights over TIMED_IMAGES) takes at most AUTO_GAIN of float32's.
+    """"fp32" or "bf16": `precision` itself, or for "auto" bf16 on a GPU that computes it, fp32 on another GPU
+    (searchnet.resolved_precision), and on a CPU bf16 where the model's logits under autocast stay close to float32's
+    (searchnet.close_in_bf16) and its training step (forward, cross-entropy, backward to the weights over
+    TIMED_IMAGES) takes at most AUTO_GAIN of float32's.
     `example` is a few [0, 1] images of the model's input shape; the weights' values and gradients are left as they
     were. A pt2 program runs its graph as exported, where autocast gains nothing, so "auto" keeps float32 for it."""
-    if precision != "auto":
-        return precision
     device = next(net.parameters()).device
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type != "cpu":
-        return "fp32"
-    key = (type(net).__name__, tuple((n, tuple(p.shape)) for n, p in net.named_parameters()),
-           tuple(example.shape[1:]), torch.get_num_threads())
+    wanted = resolved_precision(precision, device)
+    if wanted != "timed":
+        return wanted
+    key = timing_key(net, example)
     if key not in _TIMED:
         _TIMED[key] = _faster(net, example.to(device))
     return _TIMED[key]
 
 
 def _faster(net: nn.Module, example: torch.Tensor) -> str:
-    x = example.repeat((TIMED_IMAGES + len(example) - 1) // len(example), *[1] * (example.ndim - 1))[:TIMED_IMAGES]
+    x = repeated(example, TIMED_IMAGES)
     # set aside, not kept in place: backward would accumulate into them
     grads = [p.grad for p in net.parameters()]
     for p in net.parameters():
@@ -84,8 +88,7 @@ def _faster_in_eval(net: nn.Module, x: torch.Tensor) -> str:
         want = net(x).float()
         with train_autocast(x.device, "bf16"):
             got = net(x).float()
-    scale = float(want.abs().max()) + 1.0
-    if not torch.isfinite(got).all() or float((got - want).abs().max()) > BF16_TOLERANCE * scale:
+    if not close_in_bf16(want, got):
         return "fp32"
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)
     fp32_seconds, bf16_seconds = fastest_in_turns([lambda: _train_step(net, x, y, "fp32"),
