@@ -248,6 +248,19 @@ def test_goals_are_checked_on_the_numbers():
     assert "grad-prune-free ASR <= 5% and drop <= 2 pts" not in detect
 
 
+def test_the_clean_model_goal_holds_every_model_to_half_a_point():
+    clean = {"attack": "clean", "acc_before": "0.8"}
+    rows = [{**_row("grad-prune-free", 0.797, 0.0, seed=0), **clean},
+            {**_row("grad-prune-free", 0.792, 0.0, seed=1), **clean},
+            {**_row("none", 0.8, 0.0), **clean}]
+    (goal, met, evidence), = [g for g in tables.goals(rows) if "clean model" in g[0]]
+    assert not met  # the mean (0.55) is near the limit, but one model lost 0.8 points
+    assert evidence == "mean 0.55, worst 0.80 pts over 2 models"
+    (_, met, _), = [g for g in tables.goals(rows[:1]) if "clean model" in g[0]]
+    assert met
+    assert not [g for g in tables.goals([{**r, "defense": "grad-prune-detect"} for r in rows]) if "clean model" in g[0]]
+
+
 def test_pruning_worth_says_when_the_cheaper_step_is_enough():
     same = [_row("grad-prune-fast", 0.88, 0.02), _row("unlearn-ft-known", 0.881, 0.021)]
     better = [_row("grad-prune-free", 0.88, 0.02), _row("unlearn-ft-free", 0.88, 0.30)]

@@ -21,7 +21,8 @@ def _num(value: str) -> float | None:
 
 
 def summarise(rows: list[dict[str, str]]) -> dict[tuple, dict]:
-    """(arch, attack, per_class, defense) -> {metric: (mean, std)}, 'drop' (points vs no defense), 'n', 'errors'."""
+    """(arch, attack, per_class, defense) -> {metric: (mean, std)}, 'drop' (points vs no defense), 'worst_drop' (the
+    largest one model's), 'n', 'errors'."""
     groups: dict[tuple, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         groups[(r["arch"], r["attack"], int(r["per_class"]), r["defense"])].append(r)
@@ -39,6 +40,7 @@ def summarise(rows: list[dict[str, str]]) -> dict[tuple, dict]:
         cell["scoring_passes"] = (statistics.fmean(scoring), 0.0) if scoring else None
         drops = [100 * (float(r["acc_before"]) - float(r["clean_acc"])) for r in ok]
         cell["drop"] = (statistics.fmean(drops), statistics.stdev(drops) if len(drops) > 1 else 0.0) if drops else None
+        cell["worst_drop"] = max(drops) if drops else None
         out[key] = cell
     return out
 
@@ -116,12 +118,21 @@ BASELINES = ("fine-tuning", "ft-sam", "fine-pruning", "anp", "neural-cleanse")
 TRIGGER_FREE = ("grad-prune-detect", "grad-prune-free")
 # The ASR goal (%) of each defense the goals are checked on; every one of them also has the 2-point drop goal.
 ASR_GOALS = {**dict.fromkeys(TRIGGER_FREE, 5.0), "grad-prune-fast": 2.0}
+# The most a clean model sanitized anyway (grad-prune-free, on_clean=sanitize) may lose, in points, on every model.
+ON_CLEAN_DROP = 0.5
 
 
 def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
-    """The goals, each checked on the largest clean budget: (goal, met or None if not measured, evidence)."""
+    """The goals, each checked on the largest clean budget (the clean-model goal on every budget): (goal, met or None
+    if not measured, evidence)."""
     summary = summarise(rows)
     out = []
+    for (arch, attack, n, d), c in sorted(summary.items()):
+        if attack != CLEAN or d != "grad-prune-free" or not c["n"]:
+            continue
+        out.append((f"grad-prune-free on a clean model: drop <= {ON_CLEAN_DROP:g} pts on every model "
+                    f"({arch}/{n} per class)", c["worst_drop"] <= ON_CLEAN_DROP,
+                    f"mean {c['drop'][0]:.2f}, worst {c['worst_drop']:.2f} pts over {c['n']} models"))
     for arch, attack in sorted({k[:2] for k in summary if k[1] != CLEAN}):
         n = max(k[2] for k in summary if k[:2] == (arch, attack))
 
@@ -170,7 +181,8 @@ def goals(rows: list[dict[str, str]]) -> list[tuple[str, bool | None, str]]:
 def goals_markdown(rows: list[dict[str, str]]) -> str:
     checked = goals(rows)
     if not checked:
-        return f"No goal applies to these rows (the goals are checked on the rows of {', '.join(ASR_GOALS)})."
+        return (f"No goal applies to these rows (the goals are checked on the rows of {', '.join(ASR_GOALS)}, and on "
+                "grad-prune-free's rows of clean models).")
     lines = ["| goal | met | measured |", "|---|---|---|"]
     for goal, met, evidence in checked:
         lines.append(f"| {goal} | {'yes' if met else 'NO'} | {evidence} |")
