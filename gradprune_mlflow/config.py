@@ -91,12 +91,13 @@ class SanitizeConfig:
     synth_steps: int = 200
     synth_restarts: int = 2
     # Precision of the searches' copy of the model (synthesis, probes, rechecks, verification): "fp32", "bf16" or
-    # "auto": bf16 on a GPU that supports it; on a CPU, bf16 only where one search step of this model is clearly
-    # faster in it (it is for some architectures and not for others: defense/searchnet.py). Measuring stays float32.
+    # "auto": bf16 on a GPU that supports it; on a CPU with bfloat16 instructions, bf16 only where one search step of
+    # this model is clearly faster in it (it is for some architectures and not for others: defense/searchnet.py); fp32
+    # on other CPUs. Measuring stays float32.
     search_precision: str = "auto"
     # Precision of fine-tuning's steps: "fp32", "bf16" (autocast; weights and optimiser stay float32) or "auto": bf16 on
-    # a GPU that supports it; on a CPU, bf16 only where one training step of this model is clearly faster in it
-    # (defense/train_precision.py).
+    # a GPU that supports it; on a CPU with bfloat16 instructions, bf16 only where one training step of this model is
+    # clearly faster in it (defense/train_precision.py); fp32 on other CPUs.
     train_precision: str = "auto"
     # A blend-family class is flagged when its anomaly index (median absolute deviation) exceeds this and its blend
     # strength is below `relative_size` times the median class's (see gradprune_mlflow.defense.probes.decide).

@@ -258,7 +258,7 @@ def test_eval_trigger_never_reaches_the_defense_trigger_free_mode(badnets_cnn, s
         # as the first reading searched
         assert report["detection"]["search_steps"] == 5
         assert report["synthesis_steps"] == (10 + 5 * len(rechecks)) * 1 * 2
-        # auto on a CPU: the precision this machine timed as faster for the model (test_searchnet.py)
+        # auto on a CPU: float32, or where the CPU computes bfloat16 what it timed as faster (test_searchnet.py)
         assert report["config"]["search_precision"] == "auto" and report["search_precision"] in ("fp32", "bf16")
         assert report["config"]["train_precision"] == "auto" and report["train_precision"] in ("fp32", "bf16")
         # the probe's square, then each repeated recheck's triggers, each an equal share of the unlearning images

@@ -212,10 +212,14 @@ def test_a_model_that_does_not_survive_bfloat16_keeps_a_float32_copy(model):
         assert torch.allclose(copied(x), net(x), atol=1e-3)
 
 
-def test_auto_precision_is_bfloat16_on_a_gpu_and_timed_on_a_cpu(monkeypatch):
+def test_auto_precision_is_bfloat16_on_a_gpu_and_timed_on_a_cpu_that_computes_it(monkeypatch):
+    from gradprune_mlflow.defense import searchnet
     from gradprune_mlflow.defense.searchnet import resolved_precision
 
+    monkeypatch.setattr(searchnet, "cpu_computes_bf16", lambda: True)
     assert resolved_precision("auto", torch.device("cpu")) == "timed"
+    monkeypatch.setattr(searchnet, "cpu_computes_bf16", lambda: False)
+    assert resolved_precision("auto", torch.device("cpu")) == "fp32"
     assert resolved_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolved_precision("bf16", torch.device("cpu")) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -271,6 +275,7 @@ def test_auto_on_a_cpu_searches_in_the_precision_it_timed_as_faster(badnets_cnn,
     from gradprune_mlflow.defense import searchnet
 
     monkeypatch.setattr(searchnet, "_TIMED", {})
+    monkeypatch.setattr(searchnet, "cpu_computes_bf16", lambda: True)
     example = clean_set.images[:8]
     copied = search_copy(badnets_cnn, example, "auto")
     assert len(searchnet._TIMED) == 1  # timed once; a second copy of the same architecture reuses the answer
@@ -281,6 +286,15 @@ def test_auto_on_a_cpu_searches_in_the_precision_it_timed_as_faster(badnets_cnn,
     with torch.no_grad():
         want = badnets_cnn.eval()(example)
         assert (copied(example) - want).abs().max() <= searchnet.BF16_TOLERANCE * (want.abs().max() + 1)
+
+
+def test_a_cpu_without_bfloat16_instructions_searches_in_float32_untimed(badnets_cnn, clean_set, monkeypatch):
+    from gradprune_mlflow.defense import searchnet
+
+    monkeypatch.setattr(searchnet, "_TIMED", {})
+    monkeypatch.setattr(searchnet, "cpu_computes_bf16", lambda: False)
+    assert searchnet.precision_of(search_copy(badnets_cnn, clean_set.images[:8], "auto")) == "fp32"
+    assert searchnet._TIMED == {}
 
 
 def test_the_timed_copies_take_turns_after_one_warm_up_each():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradprune_mlflow.defense import searchnet
 from gradprune_mlflow.defense import train_precision as tp
 from gradprune_mlflow.defense.normalize import Normalized
 
@@ -31,6 +32,14 @@ class _Timed(nn.Module):
 @pytest.fixture(autouse=True)
 def _untimed(monkeypatch):
     monkeypatch.setattr(tp, "_TIMED", {})
+    # as on a CPU with bfloat16 instructions, where "auto" times; the test after these covers the others
+    monkeypatch.setattr(searchnet, "cpu_computes_bf16", lambda: True)
+
+
+def test_a_cpu_without_bfloat16_instructions_fine_tunes_in_float32_untimed(monkeypatch):
+    monkeypatch.setattr(searchnet, "cpu_computes_bf16", lambda: False)
+    assert tp.train_precision(_Timed(0.03, 0.0), torch.rand(4, 1, 8, 8), "auto") == "fp32"
+    assert tp._TIMED == {}, "nothing timed"
 
 
 @pytest.mark.parametrize(("fp32", "bf16", "chosen"), [(0.0, 0.03, "fp32"), (0.03, 0.0, "bf16"), (0.033, 0.03, "fp32")])

@@ -10,8 +10,8 @@ constants rather than parameters (the pt2 adapter) falls back to a plain frozen 
 With precision "bf16" the copy then holds its weights in bfloat16 and casts each input down and its logits back up:
 a GPU computes bfloat16 natively, and a trigger search needs the direction of a gradient, not its last digits. On a
 CPU whether it pays depends on the architecture as well as the CPU (benchmarks/search_step.py), so "auto" there times
-one search step of the model in both precisions and keeps float32 unless bfloat16 is clearly faster. Measuring
-(accuracy, ASR) never uses it.
+one search step of the model in both precisions and keeps float32 unless bfloat16 is clearly faster; a CPU without
+bfloat16 instructions keeps float32 untimed. Measuring (accuracy, ASR) never uses it.
 """
 
 from __future__ import annotations
@@ -90,14 +90,22 @@ class _Bfloat16(nn.Module):
         return self.net(x.to(torch.bfloat16)).float()
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX). Without them oneDNN emulates bfloat16, which
+    never pays, and timing it would cost more than the steps it decides on."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def resolved_precision(precision: str, device: torch.device) -> str:
     """"fp32", "bf16" or "timed": `precision` itself, or for "auto" bf16 on a GPU that computes it, fp32 on another
-    GPU, and "timed" on a CPU (bfloat16 pays there for some architectures and costs for others: faster_precision)."""
+    GPU, "timed" on a CPU that computes it (bfloat16 pays there for some architectures and costs for others:
+    faster_precision), and fp32 on another CPU."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "timed"
+    return "timed" if cpu_computes_bf16() else "fp32"
 
 
 def _step(net: nn.Module, x: torch.Tensor) -> float:
