@@ -13,6 +13,7 @@ MODES = ("fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 ON_CLEAN = ("skip", "sanitize")
 STAGES = ("prune+finetune", "prune", "finetune")
+EARLY_STOPS = ("auto", "clean+triggered", "clean")  # what fine-tuning's early stopping reads (defense/finetune.py)
 
 # Settings whose default depends on the mode: name -> (paper, fast). Paper mode keeps the authors' loop (equal loss
 # weights, no distillation); fast mode's values were chosen on the Fashion-MNIST benchmark models: distillation keeps
@@ -74,6 +75,9 @@ class SanitizeConfig:
     finetune_patience: int | None = None
     # Random shifts and flips of the clean images while fine-tuning (before triggers are applied).
     finetune_augment: bool = True
+    # What fine-tuning's early stopping reads on the validation split: "clean+triggered" (CE of both), "clean" (CE of
+    # the clean images alone), or "auto": clean in paper mode (as the paper does), clean+triggered in fast mode.
+    early_stop: str = "auto"
     # Weight of the distillation term that keeps clean predictions close to the original model's.
     distill_weight: float | None = None
     # Trigger-free mode, where a warp is unlearned (the warp probe led the flag or its warps joined the mix): the
@@ -192,6 +196,8 @@ class SanitizeConfig:
         for name in ("search_precision", "train_precision"):
             if getattr(self, name) not in PRECISIONS:
                 raise BadInput(f"{name} must be one of {', '.join(PRECISIONS)}, got {getattr(self, name)!r}")
+        if self.early_stop not in EARLY_STOPS:
+            raise BadInput(f"early_stop must be one of {', '.join(EARLY_STOPS)}, got {self.early_stop!r}")
         if self.stages not in STAGES:
             raise BadInput(f"stages must be one of {', '.join(STAGES)}, got {self.stages!r}")
         if not 0.0 < self.val_fraction < 1.0:

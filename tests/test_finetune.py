@@ -140,6 +140,24 @@ def test_the_best_epoch_is_kept(data, clean_set, badnets_cnn):
     assert final < first
 
 
+@pytest.mark.parametrize(("early_stop", "mode", "clean_only"), [("auto", "fast", False), ("auto", "paper", True),
+                                                                 ("clean", "fast", True),
+                                                                 ("clean+triggered", "paper", False)])
+def test_early_stopping_reads_the_losses_its_setting_names(data, badnets_cnn, clean_set, monkeypatch, early_stop,
+                                                            mode, clean_only):
+    from gradprune_mlflow.defense import finetune as ft
+
+    seen = []
+    monkeypatch.setattr(ft, "validation_loss", lambda *args: seen.append(args[3]) or 1.0)
+    train, val, val_t = data
+    net = Normalized(copy.deepcopy(badnets_cnn), clean_set.meta.mean, clean_set.meta.std)
+    cfg = SanitizeConfig(device="cpu", mode=mode, early_stop=early_stop, finetune_epochs=1, train_precision="fp32")
+    finetune(net, None, train, TRIGGER, val, val_t, cfg, SilentProgress(), torch.Generator().manual_seed(0))
+    assert seen == [clean_only, clean_only]  # the untouched model's loss, then the epoch's
+    with pytest.raises(BadInput, match="early_stop"):
+        cfg.with_overrides(early_stop="triggered")
+
+
 def test_mode_defaults_resolve_and_explicit_settings_win():
     fast, paper = SanitizeConfig(), SanitizeConfig(mode="paper")
     assert (fast.resolved("finetune_patience"), paper.resolved("finetune_patience")) == (8, 4)

@@ -6,7 +6,8 @@ few hundred trusted images cannot drift them. Fast mode adds a distillation term
 predictions are pulled towards the original model's (soft targets carry more than 900 hard labels do). It keeps
 enough clean accuracy to weight the triggered CE twice and fine-tune longer (docs/algorithm.md, "Fast and paper
 mode"). Early stopping looks at the validation loss
-clean + triggered (fast mode) or clean only (paper mode, as the paper does; it can pick the untouched model).
+clean + triggered (fast mode) or clean only (paper mode, as the paper does; it can pick the untouched model); the
+`early_stop` setting chooses either in any mode.
 
 Fast mode also pushes triggered images of the other classes away from the target class (`away_from_target`). With
 true-label CE alone, triggered images go to the target class about as often as clean ones do (the model's own
@@ -114,7 +115,7 @@ def finetune(
     `teacher` is the original (unpruned) model, whose clean predictions fast mode distils from.
     """
     device = next(net.parameters()).device
-    clean_only = cfg.mode == "paper"
+    clean_only = cfg.early_stop == "clean" or (cfg.early_stop == "auto" and cfg.mode == "paper")
     distill = cfg.resolved("distill_weight") if teacher is not None else 0.0
     unlearn_weight, epochs, patience = (cfg.resolved(n) for n in ("unlearn_weight", "finetune_epochs",
                                                                     "finetune_patience"))
