@@ -88,7 +88,7 @@ class SanitizeConfig:
     unlearn_weight: float | None = None
     # Weight of a term that pushes triggered images of the other classes away from the trigger's target class
     # (finetune.away_from_target): without it the known-trigger ASR stopped at the model's own confusion with the
-    # target class, about 2%.
+    # target class, about 2%. Trigger-free mode leaves it out (0) where nothing is flagged, unless it is set.
     away_weight: float | None = None
 
     # --- trigger synthesis (trigger-free mode) ---

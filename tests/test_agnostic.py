@@ -102,3 +102,5 @@ def test_a_trigger_free_run_unlearns_with_its_share_of_targeted_perturbations(cl
     plan = {p["trigger"]: p["share"] for p in result.report["unlearning_plan"]}
     assert plan["targeted-perturbation"] == 0.25 and abs(sum(plan.values()) - 1) < 1e-3
     assert result.report["config"]["agnostic_share"] == 0.25
+    # the away-from-target term only where a class was flagged (what fine-tuning used, beside the setting)
+    assert result.report["away_weight"] == (3.0 if result.report["detection"]["flagged"] else 0.0)

@@ -296,7 +296,7 @@ def test_compare_runs_resumes_and_writes_csv_markdown_and_plot(tmp_path, capsys)
     # scoring and skipped fine-tuning does not.
     info = json.loads(pruned["info"])
     assert int(pruned["backward_passes"]) >= info["scoring_passes"] >= 1 and info["finetune_epochs"] == 0
-    assert info["distill_weight"] is None  # no fine-tuning ran
+    assert info["distill_weight"] is None and info["away_weight"] is None  # no fine-tuning ran
     md = (tmp_path / "compare-smoke.md").read_text()
     assert "| prune-only-known |" in md and "## Goals" in md
     assert (tmp_path / "compare-smoke.png").stat().st_size > 10_000

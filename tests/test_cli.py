@@ -196,6 +196,7 @@ def test_full_sanitize_writes_report_and_a_loadable_model(tmp_path, badnets_cnn,
     assert report["config"]["finetune_epochs"] == 12 and report["config"]["max_prune_fraction"] == 0.2
     assert report["finetune_epochs"] <= 12
     assert report["distill_weight"] == report["config"]["distill_weight"]  # no warp unlearned: the setting as given
+    assert report["away_weight"] == report["config"]["away_weight"] == 3.0  # a known trigger: its target is known
     assert report["trigger_source"] == "known" and report["asr_measured_with"] == "eval"
     assert report["detection"] is None and report["evaluated_on"] == "validation"
     for when in ("before", "after"):

@@ -170,6 +170,19 @@ def test_mode_defaults_resolve_and_explicit_settings_win():
         fast.with_overrides(finetune_patience=0)
 
 
+def test_the_away_term_is_left_out_where_trigger_free_mode_flagged_nothing():
+    from gradprune_mlflow.defense.synthesis import Detection
+    from gradprune_mlflow.defense.triggerfree import Found
+
+    def found(flagged: bool) -> Found:
+        return Found(Detection(3, 1.0, flagged, "patch", {}), [], [], None, None, 0.0, False)
+
+    cfg = SanitizeConfig()
+    assert found(True).finetune_config(cfg) is cfg and cfg.resolved("away_weight") == 3.0
+    assert found(False).finetune_config(cfg).resolved("away_weight") == 0.0  # on_clean=sanitize: no known target
+    assert found(False).finetune_config(cfg.with_overrides(away_weight=1.5)).resolved("away_weight") == 1.5
+
+
 def test_the_triggered_loss_weight_is_what_unlearns(data, clean_set, badnets_cnn):
     """With the triggered CE weighted 0 the backdoor stays; weighted 2 it is unlearned (validation triggered loss)."""
     train, val, val_t = data

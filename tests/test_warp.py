@@ -10,6 +10,7 @@ from gradprune_mlflow.config import SanitizeConfig, warp_steps
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.patch_probe import PatchHit
 from gradprune_mlflow.defense.progress import SilentProgress
+from gradprune_mlflow.defense.synthesis import Detection
 from gradprune_mlflow.defense.triggerfree import Found, companion_warp
 from gradprune_mlflow.defense.triggers import MaskTrigger
 from gradprune_mlflow.defense.unlearning import TriggerMix, unlearning_plan
@@ -127,7 +128,7 @@ def test_a_strong_warp_joins_the_unlearning_mix_whichever_detector_flagged_the_c
 
 def test_fine_tuning_distils_less_where_warps_are_unlearned():
     def found(warp: bool) -> Found:
-        return Found(None, [], [], None, None, 0.0, False, warp=warp)
+        return Found(Detection(1, 3.0, True, "patch", {}), [], [], None, None, 0.0, False, warp=warp)
 
     cfg = SanitizeConfig()
     assert found(False).finetune_config(cfg) is cfg

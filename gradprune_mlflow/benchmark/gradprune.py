@@ -50,6 +50,7 @@ def _variant(overrides: dict):
             "timings": rep["timings"],  # seconds per phase (report.json's)
             # the distillation weight fine-tuning used: lower where warps were unlearned (report.json's)
             "distill_weight": rep["distill_weight"],
+            "away_weight": rep["away_weight"],  # 0 where trigger-free mode flagged nothing (report.json's)
         })
 
     return run

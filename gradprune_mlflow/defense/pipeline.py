@@ -165,6 +165,8 @@ def run_sanitize(
         # the distillation weight fine-tuning used: distill_weight, or at most warp_distill_weight where warps were
         # unlearned
         "distill_weight": tuning.resolved("distill_weight") if finetune_out else None,
+        # the away-from-target weight fine-tuning used: away_weight, or 0 in trigger-free mode where nothing was flagged
+        "away_weight": tuning.resolved("away_weight") if finetune_out else None,
         "finetune_best_epoch": finetune_out.best_epoch if finetune_out else 0,
         # what trigger-free mode's searches computed in: search_precision as this machine resolved it
         "search_precision": found.precision if found else None,

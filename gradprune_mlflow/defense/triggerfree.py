@@ -177,7 +177,12 @@ class Found:
     warp: bool = False  # warps are unlearned (the warp probe led the flag, or its warps joined the mix)
 
     def finetune_config(self, cfg: SanitizeConfig) -> SanitizeConfig:
-        """`cfg` as fine-tuning uses it: where warps are unlearned, distillation at most warp_distill_weight."""
+        """`cfg` as fine-tuning uses it: where nothing is flagged (on_clean=sanitize), no away-from-target term unless
+        away_weight is set; where warps are unlearned, distillation at most warp_distill_weight."""
+        if not self.detection.flagged and cfg.away_weight is None:
+            # no class is known to be a target, and pushing a clean model's images away from its top candidate
+            # cost clean accuracy (benchmarks/RESULTS.md, "A clean model sanitized anyway")
+            cfg = replace(cfg, away_weight=0.0)
         if not self.warp or cfg.warp_distill_weight is None:
             return cfg
         return replace(cfg, distill_weight=min(cfg.resolved("distill_weight"), cfg.warp_distill_weight))

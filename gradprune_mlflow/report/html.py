@@ -65,7 +65,8 @@ def _facts(report: dict[str, Any]) -> str:
              ("flag score", _score(det.get("score"))),
              ("filters pruned", f"{report.get('pruned_filters')} of {report.get('total_filters')}"),
              ("fine-tuning epochs", report.get("finetune_epochs")),
-             ("distillation weight", report.get("distill_weight")), ("evaluated on", report.get("evaluated_on")),
+             ("distillation weight", report.get("distill_weight")),
+             ("away-from-target weight", report.get("away_weight")), ("evaluated on", report.get("evaluated_on")),
              ("evaluated images", report.get("evaluated_images"))]
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts if v is not None)
     return f"<table id='facts'>{rows}</table>"
