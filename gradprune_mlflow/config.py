@@ -12,6 +12,7 @@ PRECISIONS = ("auto", "fp32", "bf16")  # the searches' and fine-tuning's (defens
 MODES = ("fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 ON_CLEAN = ("skip", "sanitize")
+ON_SUSPECT = ("report", "sanitize")
 STAGES = ("prune+finetune", "prune", "finetune")
 EARLY_STOPS = ("auto", "clean+triggered", "clean")  # what fine-tuning's early stopping reads (defense/finetune.py)
 
@@ -51,6 +52,9 @@ class SanitizeConfig:
     val_fraction: float = 0.1
     # Trigger-free mode when nothing is flagged: "skip" writes no model, "sanitize" unlearns the best candidate anyway.
     on_clean: str = "skip"
+    # Trigger-free mode when the flag score is in the suspect band (not flagged, not clean): "report" writes no model
+    # and reports the evidence; "sanitize" unlearns the best candidate as on_clean="sanitize" would, for these only.
+    on_suspect: str = "report"
     batch_size: int = 128
     # Which halves of Grad-Prune run: both (the method), or one alone for the benchmark's ablations ("finetune":
     # unlearning fine-tuning without pruning; "prune": pruning without fine-tuning).
@@ -162,6 +166,10 @@ class SanitizeConfig:
     # class, searched again against the model as it learns (defense/agnostic.py), for triggers no synthesized family
     # expresses (warps, sample-specific ones). 0 turns it off.
     agnostic_share: float = 0.0
+    # Where a suspect model is sanitized (not flagged; on_suspect or on_clean "sanitize"): the share of the unlearning
+    # images that carry the spread square (defense/spread.py), the stamp that moves images to the most classes, as an
+    # all-to-all trigger does. 0 turns it off.
+    spread_share: float = 0.25
     # Its largest change of a pixel (on the [0, 1] scale) and the signed-gradient steps of each search.
     agnostic_eps: float = 0.1
     agnostic_steps: int = 5
@@ -193,6 +201,8 @@ class SanitizeConfig:
             raise BadInput(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.on_clean not in ON_CLEAN:
             raise BadInput(f"on_clean must be one of {', '.join(ON_CLEAN)}, got {self.on_clean!r}")
+        if self.on_suspect not in ON_SUSPECT:
+            raise BadInput(f"on_suspect must be one of {', '.join(ON_SUSPECT)}, got {self.on_suspect!r}")
         for name in ("search_precision", "train_precision"):
             if getattr(self, name) not in PRECISIONS:
                 raise BadInput(f"{name} must be one of {', '.join(PRECISIONS)}, got {getattr(self, name)!r}")
@@ -204,6 +214,8 @@ class SanitizeConfig:
             raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 < self.max_prune_fraction < 1.0:
             raise BadInput(f"max_prune_fraction must be in (0, 1), got {self.max_prune_fraction}")
+        if not 0.0 <= self.spread_share < 1.0:
+            raise BadInput(f"spread_share must be in [0, 1), got {self.spread_share}")
         if not 0.0 <= self.agnostic_share < 1.0:
             raise BadInput(f"agnostic_share must be in [0, 1), got {self.agnostic_share}")
         if not 0.0 < self.agnostic_eps <= 1.0:

@@ -104,3 +104,7 @@ def test_a_trigger_free_run_unlearns_with_its_share_of_targeted_perturbations(cl
     assert result.report["config"]["agnostic_share"] == 0.25
     # the away-from-target term only where a class was flagged (what fine-tuning used, beside the setting)
     assert result.report["away_weight"] == (3.0 if result.report["detection"]["flagged"] else 0.0)
+    # the spread square only where an unflagged model is suspect
+    detection = result.report["detection"]
+    suspect = not detection["flagged"] and detection["score"]["verdict"] == "suspect"
+    assert (detection["spread_square"] is not None) == suspect

@@ -66,7 +66,7 @@ def test_help_lists_sanitize_and_its_flags(runner):
     sub = runner.invoke(app, ["sanitize", "--help"])
     assert sub.exit_code == 0
     for flag in ("--clean-data", "--test-data", "--trigger", "--eval-trigger", "--out", "--mode", "--device",
-                 "--seed", "--on-clean", "--set"):
+                 "--seed", "--on-clean", "--on-suspect", "--set"):
         assert flag in sub.stdout
 
 
@@ -82,6 +82,8 @@ def test_help_lists_sanitize_and_its_flags(runner):
         (["sanitize", "m.pt", "--clean-data", "d", "--set", "finetune_epochs=0"], "finetune_epochs must be"),
         (["sanitize", "m.pt", "--clean-data", "d", "--set", "warp=9"], "unknown setting(s) ['warp']"),
         (["sanitize", "m.pt", "--clean-data", "d", "--set", "mode=paper"], "use --mode instead"),
+        (["sanitize", "m.pt", "--clean-data", "d", "--set", "on_suspect=sanitize"], "use --on-suspect instead"),
+        (["sanitize", "m.pt", "--clean-data", "d", "--on-suspect", "maybe"], "'maybe' is not one of 'report'"),
         (["nonsense"], "No such command 'nonsense'"),
     ],
 )
@@ -256,12 +258,35 @@ def test_a_suspect_model_exits_5_with_its_score_and_writes_no_model(tmp_path, cl
     assert done.returncode == 5, done.stderr
     assert lines(done.stderr) == [lines(done.stderr)[0]] and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: suspect, not flagged: flag score ")
-    assert "no model written" in done.stderr and "--on-clean sanitize" in done.stderr
+    assert "no model written" in done.stderr and "--on-suspect sanitize" in done.stderr
     report = json.loads((out / "report.json").read_text())
     score = report["detection"]["score"]
     assert score["verdict"] == "suspect" and 0.001 <= score["value"] < 0.999 and not report["detection"]["flagged"]
     assert set(score["contributions"]) == {"patch_probe", "noise_probe", "warp_probe", "blend_anomaly"}
     assert not (out / "model").exists()
+    assert "suspect: flag score" in done.stdout
+
+
+def test_a_suspect_model_is_sanitized_with_on_suspect_sanitize(tmp_path, clean_cnn, clean_set_dir):
+    """The same suspect evidence as above, with --on-suspect sanitize: the top candidate is unlearned and a model
+    written, and the report keeps the suspect verdict beside it."""
+    torch.save(clean_cnn, tmp_path / "clean.pt")
+    out = tmp_path / "out"
+    done = gradprune("sanitize", str(tmp_path / "clean.pt"), "--clean-data", str(clean_set_dir), "--out", str(out),
+                     "--device", "cpu", "--on-suspect", "sanitize", "--set", "suspect_threshold=0.001",
+                     "--set", "flag_threshold=0.999", "--set", "synth_steps=10", "--set", "synth_restarts=1",
+                     "--set", "finetune_epochs=2", "--set", "recheck_rounds=0", "--set", "verify=false")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["detection"]["score"]["verdict"] == "suspect" and not report["detection"]["flagged"]
+    assert report["config"]["on_suspect"] == "sanitize" and report["config"]["on_clean"] == "skip"
+    assert report["sanitized"] and report["after"] is not None and report["away_weight"] == 0.0
+    # the stamp that moves images to the most classes is unlearned beside the top candidate's triggers
+    square = report["detection"]["spread_square"]
+    assert square["fill"] in ("white", "black") and 0.0 <= square["spread"] <= square["moved"] <= 1.0
+    plan = {part["trigger"]: part["share"] for part in report["unlearning_plan"]}
+    assert plan[f"spread-{square['fill']}"] == pytest.approx(0.25, abs=1e-3)
+    assert (out / "model").is_dir()
     assert "suspect: flag score" in done.stdout
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from gradprune_mlflow.config import SanitizeConfig
 from gradprune_mlflow.data.cleanset import Split
 from gradprune_mlflow.defense.evidence import Thresholds
 from gradprune_mlflow.defense.normalize import Normalized
@@ -236,3 +237,18 @@ def test_decisive_score_takes_any_number_from_zero_and_refuses_the_rest():
     for bad in (-0.1, True, "high"):
         with pytest.raises(BadInput, match="decisive_score"):
             SanitizeConfig().with_overrides(decisive_score=bad)
+
+
+def test_a_run_unlearns_where_flagged_and_where_the_settings_ask_for_unflagged_models():
+    from gradprune_mlflow.defense.synthesis import Detection
+    from gradprune_mlflow.defense.triggerfree import sanitizes
+
+    def detection(verdict: str) -> Detection:
+        return Detection(4, 1.0, verdict == "flagged", "blend", {}, score={"verdict": verdict})
+
+    cases = {"flagged": (True, True, True), "suspect": (False, True, True), "clean": (False, False, True)}
+    for verdict, wanted in cases.items():
+        got = tuple(sanitizes(detection(verdict), SanitizeConfig(on_suspect=on_suspect, on_clean=on_clean))
+                    for on_suspect, on_clean in (("report", "skip"), ("sanitize", "skip"), ("report", "sanitize")))
+        assert got == wanted, verdict
+    assert not sanitizes(Detection(4, 1.0, False, "blend", {}), SanitizeConfig(on_suspect="sanitize"))  # no score

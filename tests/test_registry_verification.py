@@ -122,6 +122,6 @@ def test_a_suspect_model_ends_suspect_with_its_evidence_and_nothing_registered(c
     assert outcome.status == tags[T.STATUS] == T.SUSPECT and tags[T.REASON] == outcome.reason
     assert outcome.reason.startswith("suspect, not flagged: flag score 0.42 for class 6 (flagged at 0.50, suspect "
                                      "from 0.35): blend anomaly 0.85 of its threshold")
-    assert "--set on_clean=sanitize" in outcome.reason
+    assert "--set on_suspect=sanitize" in outcome.reason
     assert len(client.search_model_versions(f"name='{NAME}'")) == count and outcome.sanitized_version is None
     assert client.get_registered_model(NAME).aliases == before

@@ -391,3 +391,7 @@ def test_stages_run_one_half_alone_for_the_ablations(badnets_cnn, clean_set):
         sanitize(badnets_cnn, small, TRIGGER, search_precision="half", **SMALL)
     with pytest.raises(BadInput, match="train_precision must be one of auto, fp32, bf16"):
         sanitize(badnets_cnn, small, TRIGGER, train_precision="half", **SMALL)
+    with pytest.raises(BadInput, match=r"spread_share must be in \[0, 1\)"):
+        sanitize(badnets_cnn, small, TRIGGER, spread_share=1.0, **SMALL)
+    with pytest.raises(BadInput, match="on_suspect must be one of report, sanitize"):
+        sanitize(badnets_cnn, small, TRIGGER, on_suspect="always", **SMALL)

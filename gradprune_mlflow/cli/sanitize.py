@@ -50,6 +50,9 @@ def sanitize_command(
     on_clean: Annotated[Literal["skip", "sanitize"], typer.Option(
         "--on-clean", help="When no backdoor is flagged: skip writes no model; sanitize unlearns the top "
                            "candidate anyway.")] = "skip",
+    on_suspect: Annotated[Literal["report", "sanitize"], typer.Option(
+        "--on-suspect", help="When the flag score is suspect (not flagged, not clean): report writes no model and "
+                             "exits 5; sanitize unlearns the top candidate.")] = "report",
     settings: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="Override a sanitizer setting (repeatable; see SanitizeConfig), e.g. "
                                            "--set finetune_epochs=10.")] = None,
@@ -65,10 +68,11 @@ def sanitize_command(
     from gradprune_mlflow.models.io import is_mlflow_uri, load_model, model_format
 
     overrides = parse_settings(settings)
-    own = sorted(set(overrides) & {"mode", "device", "seed", "on_clean"})
+    own = sorted(set(overrides) & {"mode", "device", "seed", "on_clean", "on_suspect"})
     if own:  # one place per setting: otherwise --set mode=paper would lose silently to --mode's default
         raise BadInput(f"--set {own[0]}=...: use --{own[0].replace('_', '-')} instead")
-    config = SanitizeConfig(mode=mode, device=device, seed=seed, on_clean=on_clean).with_overrides(**overrides)
+    config = SanitizeConfig(mode=mode, device=device, seed=seed, on_clean=on_clean,
+                            on_suspect=on_suspect).with_overrides(**overrides)
     # Cheap checks first: triggers, then the data (validated before any model is touched), then the model.
     known = load_trigger(trigger) if trigger else None
     evaluation = load_trigger(eval_trigger) if eval_trigger else None
@@ -91,7 +95,7 @@ def sanitize_command(
 
     if result.model is None and suspect(result.report):  # exit 5: nothing written, the evidence needs a look
         raise Suspect(f"{suspect_reason(result.report)}; no model written: review the evidence in {out}, "
-                      "or rerun with --on-clean sanitize")
+                      "or rerun with --on-suspect sanitize")
     if verification_failed(result.report):  # exit 4: written, but not to be used unreviewed
         raise VerificationFailed(f"verification failed: {verification_finding(result.report)}; the model in {out} "
                                  "still answers to a trigger: review it before using it")

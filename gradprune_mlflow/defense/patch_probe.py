@@ -82,6 +82,27 @@ def scan_windows(shape: tuple[int, int, int], side: int, stride: int) -> list[tu
     return [(top, left) for top in starts(h) for left in starts(w)]
 
 
+def plain_squares(shape: tuple[int, ...], sides: tuple[int, ...]) -> list[tuple[str, float, int, int, int]]:
+    """(fill, value, top, left, side) of every white and black square the plain scan tries: each of `sides`, half the
+    largest side apart, over the whole image."""
+    stride = max(1, max(sides) // 2)
+    return [(fill, value, top, left, side) for side in sides for top, left in scan_windows(shape, side, stride)
+            for fill, value in PLAIN_FILLS]
+
+
+@torch.no_grad()
+def stamped_predictions(net: nn.Module, images: torch.Tensor, candidates: list[tuple[str, float, int, int, int]]):
+    """For each square of `candidates` (plain_squares), in order: the net's predicted class of every one of `images`
+    with the square stamped on it (on CPU). Many squares share one forward pass."""
+    device = next(net.parameters()).device
+    per_pass = max(1, batch_for(device) // max(len(images), 1))
+    for group in range(0, len(candidates), per_pass):
+        stamped = images.repeat(len(candidates[group : group + per_pass]), 1, 1, 1)
+        for j, (_, value, top, left, side) in enumerate(candidates[group : group + per_pass]):
+            stamped[j * len(images) : (j + 1) * len(images), :, top : top + side, left : left + side] = value
+        yield from net(stamped.to(device)).argmax(1).cpu().reshape(-1, len(images))
+
+
 def other_images(data: Split, classes: list[int]) -> dict[int, torch.Tensor]:
     """Per class: the first PROBE_IMAGES images of the other classes in `data`, that its candidates are measured on."""
     return {k: data.images[data.labels != k][:PROBE_IMAGES] for k in classes}
@@ -100,22 +121,14 @@ def plain_scan(net: nn.Module, data: Split, sides: tuple[int, ...], others_of: d
     not (their natural adversarial patches: defense/evidence.py). Two sizes, because a backdoor can answer to its
     stamp with at most a pixel of border around it and not to a square two pixels larger."""
     shape = tuple(data.images.shape[1:])
-    device = next(net.parameters()).device
     num_classes = max(others_of) + 1
     sample = torch.cat([(data.labels == c).nonzero().flatten()[:SCAN_PER_CLASS] for c in range(num_classes)])
     images, labels = data.images[sample], data.labels[sample]
-    stride = max(1, max(sides) // 2)
-    candidates = [(fill, value, top, left, side) for side in sides for top, left in scan_windows(shape, side, stride)
-                  for fill, value in PLAIN_FILLS]
-    per_pass = max(1, batch_for(device) // max(len(images), 1))
+    candidates = plain_squares(shape, sides)
     counts = []
-    for group in range(0, len(candidates), per_pass):
-        stamped = images.repeat(len(candidates[group : group + per_pass]), 1, 1, 1)
-        for j, (_, value, top, left, side) in enumerate(candidates[group : group + per_pass]):
-            stamped[j * len(images) : (j + 1) * len(images), :, top : top + side, left : left + side] = value
-        preds = net(stamped.to(device)).argmax(1).cpu().reshape(-1, len(images))
-        for row in preds:  # images sent to a class other than their own, by the class they were sent to
-            counts.append(torch.bincount(row[row != labels], minlength=num_classes)[:num_classes].float())
+    for row in stamped_predictions(net, images, candidates):
+        # images sent to a class other than their own, by the class they were sent to
+        counts.append(torch.bincount(row[row != labels], minlength=num_classes)[:num_classes].float())
     others = torch.tensor([float((labels != k).sum()) for k in range(num_classes)]).clamp_min(1.0)
     best = (torch.stack(counts) / others).argmax(0)
     hits = {}

@@ -22,7 +22,7 @@ from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.prune import prune
 from gradprune_mlflow.defense.result import SCHEMA, SanitizeResult
 from gradprune_mlflow.defense.synthesis import FAMILIES
-from gradprune_mlflow.defense.triggerfree import find_triggers, recheck
+from gradprune_mlflow.defense.triggerfree import find_triggers, recheck, sanitizes
 from gradprune_mlflow.defense.triggers import Trigger, check_trigger_fits
 from gradprune_mlflow.defense.unlearning import triggered_copy, unlearning_plan
 from gradprune_mlflow.defense.verify import report_block, verify
@@ -101,7 +101,7 @@ def run_sanitize(
     measure_with = found.measure_with if found else trigger
     tuning = found.finetune_config(cfg) if found else cfg
 
-    skipped = detection is not None and not detection.flagged and cfg.on_clean == "skip"
+    skipped = detection is not None and not sanitizes(detection, cfg)
     prune_out = finetune_out = verified = None
     if not skipped:
         train_triggered, val_triggered = triggered_copy(train, unlearn), triggered_copy(val, unlearn)
@@ -146,7 +146,9 @@ def run_sanitize(
         "trigger_source": "known" if trigger is not None else "synthesized",
         "asr_measured_with": "eval" if eval_trigger else ("known" if trigger is not None else "synthesized"),
         "detection": {**detection.to_report(), "rechecks": rechecks,
-                      "noise_response": round(found.noise_response, 4)} if found else None,
+                      "noise_response": round(found.noise_response, 4),
+                      # the spread square, where a suspect model was sanitized (defense/spread.py)
+                      "spread_square": found.spread.to_report() if found.spread else None} if found else None,
         # what the unlearning images carried, and in what share (the last mix, after any recheck added to it)
         "unlearning_plan": unlearning_plan(unlearn) if not skipped else [],
         "before": before,

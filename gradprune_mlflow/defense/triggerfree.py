@@ -21,6 +21,7 @@ from gradprune_mlflow.defense.patch_probe import PatchHit, densest_square, squar
 from gradprune_mlflow.defense.probes import NOISE_ALPHA, Search, find_backdoor
 from gradprune_mlflow.defense.progress import PhaseTimer, Progress
 from gradprune_mlflow.defense.searchnet import precision_of, search_copy
+from gradprune_mlflow.defense.spread import SpreadHit, spread_square
 from gradprune_mlflow.defense.synthesis import Detection, FamilyResult, anomaly_index, synthesize
 from gradprune_mlflow.defense.triggers import MaskTrigger, Trigger
 from gradprune_mlflow.defense.unlearning import NoiseBlend, RandomFill, TriggerMix, extended, triggered_copy
@@ -161,6 +162,17 @@ def companion_warp(warps: list[WarpHit] | None, target: int, hit: PatchHit | War
     return warps[target]
 
 
+def suspect(detection: Detection) -> bool:
+    """Whether the flag score is in the suspect band: not flagged, not clean."""
+    return (detection.score or {}).get("verdict") == "suspect"
+
+
+def sanitizes(detection: Detection, cfg: SanitizeConfig) -> bool:
+    """Whether trigger-free mode goes on to unlearn: a flagged model always; an unflagged one where on_clean is
+    "sanitize", or where its flag score is in the suspect band and on_suspect is "sanitize"."""
+    return detection.flagged or cfg.on_clean == "sanitize" or (suspect(detection) and cfg.on_suspect == "sanitize")
+
+
 @dataclass
 class Found:
     """What trigger-free mode found: the detection, the families' searches, and what to unlearn and measure with."""
@@ -175,6 +187,7 @@ class Found:
     fixed_steps: int = 0  # steps of the fixed-strength blend search, when it ran
     precision: str = "fp32"  # what the searches computed in ("fp32" or "bf16": search_precision resolved)
     warp: bool = False  # warps are unlearned (the warp probe led the flag, or its warps joined the mix)
+    spread: SpreadHit | None = None  # the spread square, where a suspect model is sanitized and it joined the mix
 
     def finetune_config(self, cfg: SanitizeConfig) -> SanitizeConfig:
         """`cfg` as fine-tuning uses it: where nothing is flagged (on_clean=sanitize), no away-from-target term unless
@@ -209,7 +222,7 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         first = TriggerMix(hit.unlearning(), gen) if isinstance(hit, WarpHit) else hit.trigger
         synthesized, measure_with = [hit.trigger] + synthesized, hit.trigger
         unlearn = TriggerMix([first, unlearn], gen)
-    elif detection.family == "blend" and cfg.fixed_blend_steps and (detection.flagged or cfg.on_clean == "sanitize"):
+    elif detection.family == "blend" and cfg.fixed_blend_steps and sanitizes(detection, cfg):
         with timings("synthesis"):
             fixed, unlearn = with_fixed_blend(searched, train, target, cfg, gen, progress, unlearn)
         synthesized, measure_with, fixed_steps = fixed + synthesized, fixed[0], cfg.fixed_blend_steps
@@ -217,6 +230,13 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
     if companion is not None:
         unlearn = TriggerMix([TriggerMix(companion.unlearning(), gen), unlearn], gen)
         synthesized = synthesized + [companion.trigger]
+    spread = None
+    if cfg.spread_share and not detection.flagged and suspect(detection) and sanitizes(detection, cfg):
+        with timings("synthesis"):
+            spread = spread_square(net, train, k, target)
+        if spread is not None:  # a trigger without one target: unlearned beside the top candidate's
+            unlearn = TriggerMix([spread.trigger, unlearn], gen, weights=[cfg.spread_share, 1 - cfg.spread_share])
+            synthesized = synthesized + [spread.trigger]
     unlearn = with_agnostic(unlearn, net, target, cfg, gen)
     return Found(detection, families, synthesized, measure_with, unlearn, response, noise, fixed_steps,
-                 precision_of(searched), isinstance(hit, WarpHit) or companion is not None)
+                 precision_of(searched), isinstance(hit, WarpHit) or companion is not None, spread)

@@ -240,8 +240,8 @@ def succeed(job: PendingVersion, held: Claim, run_id: str, result, sanitized_ver
         status, reason = T.SANITIZED, None
     elif suspect(result.report):
         status = T.SUSPECT
-        reason = (f"{suspect_reason(result.report)}; nothing registered (on_clean=skip): review the model, or "
-                  "sanitize it anyway by deleting its gradprune.status tag and scanning with --set on_clean=sanitize")
+        reason = (f"{suspect_reason(result.report)}; nothing registered (on_suspect=report): review the model, or "
+                  "sanitize it by deleting its gradprune.status tag and scanning with --set on_suspect=sanitize")
     else:
         status, reason = T.CLEAN, "no backdoor flagged; nothing registered (on_clean=skip)"
     finish(client, held, status, reason, **extra)

@@ -1,4 +1,5 @@
-"""The all-to-all study's spread probe (benchmarks/spread_probe.py): it measures what its table says it does."""
+"""The spread square (defense/spread.py) finds a stamp without one target, and its study (benchmarks/spread_probe.py)
+prints what it measured."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from gradprune_mlflow.data.cleanset import Split
+from gradprune_mlflow.defense.patch_probe import plain_squares
+from gradprune_mlflow.defense.spread import spread_square
 from scripts import benchmark_script
 
 K, SIDE = 10, 8
@@ -39,21 +42,31 @@ def coded(n: int = 40) -> Split:
 
 
 def test_the_squares_cover_the_last_rows_and_columns():
-    squares = benchmark_script("spread_probe").squares(8, 16, (2, 3))
+    squares = {(top, left, side) for _, _, top, left, side in plain_squares((1, 8, 16), (2, 3))}
     assert (6, 14, 2) in squares and (5, 13, 3) in squares and (0, 0, 2) in squares
     assert all(top + side <= 8 and left + side <= 16 for top, left, side in squares)
 
 
 def test_an_all_to_all_square_spreads_and_a_sink_does_not():
-    script = benchmark_script("spread_probe")
     data = coded()
-    spread = script.spread_probe(CornerBackdoor(lambda y: (y + 1) % K), data, K, (2,))
+    spread = spread_square(CornerBackdoor(lambda y: (y + 1) % K), data, K, target=3, sides=(2,))
     assert spread.window == (6, 14, 2) and spread.fill == "white"
     # every image moved, each class to its own: all but the two largest destinations' images count
     assert spread.moved == 1.0 and spread.spread == pytest.approx(0.8)
     assert spread.destinations == [4] * K
-    sink = script.spread_probe(CornerBackdoor(lambda y: torch.full_like(y, 8)), data, K, (2,))
+    # its trigger is the square itself, named for the unlearning plan
+    stamped = spread.trigger.apply(data.images)
+    assert spread.trigger.target == 3 and spread.trigger.source == "spread-white"
+    assert torch.equal(CornerBackdoor(lambda y: (y + 1) % K)(stamped).argmax(1), (data.labels + 1) % K)
+    assert torch.equal(stamped[..., :-2, :], data.images[..., :-2, :])
+    sink = spread_square(CornerBackdoor(lambda y: torch.full_like(y, 8)), data, K, target=3, sides=(2,))
     assert sink.spread == 0.0  # whatever a square moves goes to one or two classes
+
+
+def test_a_model_that_gets_no_image_right_has_no_spread_square():
+    data = coded()
+    wrong = Split(data.images, (data.labels + 5) % K)
+    assert spread_square(CornerBackdoor(lambda y: y), wrong, K, target=0, sides=(2,)) is None
 
 
 def test_its_table_reads_the_lines_the_study_wrote(tmp_path, capsys):
