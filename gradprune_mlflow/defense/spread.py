@@ -1,10 +1,11 @@
 """The spread square: the white or black square that sends the trusted images it is stamped on to the most classes.
 
 Detection looks for one class that a trigger sends the other classes' images to. An all-to-all backdoor (class y to
-y + 1) sends each class somewhere else, no class more than a ninth of the images, and such models score in the
-suspect band, not above it. Its stamp still moves images of every class, each to a class of its own, while the squares
-a clean model answers to send what they move to one or two sink classes. The spread of a square is the share of the
-images the model gets right that it moves to a class outside the SINKS classes that take most of them.
+y + 1) sends each class somewhere else, no class more than a ninth of the images: such models are not flagged, and
+score near the suspect threshold, above or under it. Its stamp still moves images of every class, each to a class of
+its own, while the squares a clean model answers to send what they move to one or two sink classes. The spread of a
+square is the share of the images the model gets right that it moves to a class outside the SINKS classes that take
+most of them.
 
 The spread does not separate all-to-all models from clean ones well enough to decide anything (benchmarks/RESULTS.md,
 "An all-to-all probe that was not adopted"). What it is good for: where a suspect model is sanitized, the square with
