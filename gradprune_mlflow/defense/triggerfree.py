@@ -231,7 +231,7 @@ def find_triggers(net: nn.Module, train: Split, cfg: SanitizeConfig, k: int, gen
         unlearn = TriggerMix([TriggerMix(companion.unlearning(), gen), unlearn], gen)
         synthesized = synthesized + [companion.trigger]
     spread = None
-    if cfg.spread_share and not detection.flagged and suspect(detection) and sanitizes(detection, cfg):
+    if cfg.spread_share and suspect(detection) and sanitizes(detection, cfg):  # a suspect model is never flagged
         with timings("synthesis"):
             spread = spread_square(net, train, k, target)
         if spread is not None:  # a trigger without one target: unlearned beside the top candidate's
